@@ -1,0 +1,41 @@
+# The README's two commands: `make demo` and `make test`. Both build .venv from scratch if needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU torch build lives on disk here; without this pin pip pulls GBs of CUDA wheels.
+PIP := $(BIN)/pip install -c constraints.txt
+WHEEL_CACHE ?= $(HOME)/.cache/rayseg/wheels
+ME_WHEEL := $(WHEEL_CACHE)/MinkowskiEngine-0.5.4-cp311-cp311-linux_x86_64.whl
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+export RAY_DATA_PARQUET_FOOTER_NUM_ACTORS := 2
+
+.PHONY: demo test venv minkowski clean
+
+demo: $(VENV)/.installed
+	$(BIN)/rayseg demo
+
+test: $(VENV)/.installed $(VENV)/.minkowski
+	$(BIN)/python -m pytest -m "not gpu" tests
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel setuptools ninja
+	$(PIP) -q -e ".[dev]"
+	touch $@
+
+# MinkowskiEngine 0.5.4 has no wheels: compile once (6-8 min on 2 cores), cache the wheel.
+minkowski: $(VENV)/.minkowski
+
+$(VENV)/.minkowski: $(VENV)/.installed
+	@dpkg -s libopenblas-dev >/dev/null 2>&1 || (apt-get install -y libopenblas-dev || (apt-get update && apt-get install -y libopenblas-dev))
+	@mkdir -p $(WHEEL_CACHE)
+	test -f $(ME_WHEEL) || SETUPTOOLS_USE_DISTUTILS=stdlib MAX_JOBS=2 $(BIN)/pip wheel --no-deps \
+		--no-build-isolation -c constraints.txt MinkowskiEngine==0.5.4 -w $(WHEEL_CACHE)
+	$(PIP) --no-deps $(ME_WHEEL)
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,3 @@
+from rayseg.cli import main
+
+raise SystemExit(main())

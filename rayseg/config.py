@@ -1,0 +1,626 @@
+"""Typed experiment configuration.
+
+Every knob of rayseg is a field of one of the dataclasses below, with its default and a
+docstring. Experiment files (TOML) hold only overrides of these defaults; a file may start with
+``extends = "base.toml"`` (a path relative to the file) and may carry a ``[grid]`` table whose
+keys are dotted field paths and whose values are lists (the Ray Tune ablation grid).
+
+Loading is strict: an unknown key, a value of the wrong type or an impossible value raises
+``ConfigError`` naming the dotted key and the file that set it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or impossible."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class SyntheticConfig:
+    """Procedural indoor rooms with ray-cast RGB-D views (the embedded default dataset)."""
+
+    profile: Literal["scannet20", "s3dis13"] = "scannet20"
+    """Class set and room style: ScanNet-20 rooms, or S3DIS-13 rooms (ceiling, beams, columns...)."""
+    num_scenes: int = 64
+    """Number of scenes to generate."""
+    val_fraction: float = 0.25
+    """Fraction of scenes assigned to the val split (the rest are train)."""
+    num_views: int = 8
+    """Posed RGB-D views rendered per scene."""
+    image_width: int = 320
+    """Rendered view width in pixels."""
+    image_height: int = 240
+    """Rendered view height in pixels."""
+    points_per_m2: float = 250.0
+    """Surface sampling density; with the point limits below it sets the scene size."""
+    min_points: int = 20_000
+    """Lower bound on points per scene."""
+    max_points: int = 150_000
+    """Upper bound on points per scene."""
+    seed: int = 0
+    """Base seed; scene i is generated from (seed, i) alone, so generation is order-free."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_scenes > 0, "num_scenes", "must be > 0")
+        _check(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        _check(self.num_views >= 0, "num_views", "must be >= 0")
+        _check(self.image_width >= 8 and self.image_height >= 8, "image_width/height", "must be >= 8")
+        _check(self.points_per_m2 > 0, "points_per_m2", "must be > 0")
+        _check(0 < self.min_points <= self.max_points, "min_points", "must be > 0 and <= max_points")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the prepared dataset lives and how scenes become batches."""
+
+    root: str = "data/synth"
+    """Prepared dataset directory (Parquet shards + manifest.json)."""
+    train_split: str = "train"
+    """Split used for training and pseudo-labelling."""
+    val_split: str = "val"
+    """Split used for evaluation."""
+    voxel_size: float = 0.04
+    """Voxel edge in metres for stages cmg / cmg_rpc (0.04 ScanNet, 0.05 S3DIS)."""
+    num_views: int = 6
+    """Views sampled per scene (one from each of V contiguous chunks of the frame list); 0 = 3D only."""
+    image_width: int = 320
+    """Width the views are resized to before the 2D branch."""
+    image_height: int = 240
+    """Height the views are resized to before the 2D branch."""
+    region_column: str = "shape_detection"
+    """Partition method whose region ids feed RPC and pseudo-labels (a shard column region_<name>)."""
+    max_points: int = 0
+    """Randomly subsample training scenes to at most this many points (0 = keep all)."""
+    monitor_scenes: int = 8
+    """Train scenes held out as the pseudo-label quality monitor (evaluation only)."""
+
+    def __post_init__(self) -> None:
+        _check(self.voxel_size > 0, "voxel_size", "must be > 0")
+        _check(self.num_views >= 0, "num_views", "must be >= 0")
+        _check(self.image_width >= 8 and self.image_height >= 8, "image_width/height", "must be >= 8")
+        _check(self.max_points >= 0, "max_points", "must be >= 0")
+        _check(self.monitor_scenes >= 0, "monitor_scenes", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    """METHOD.md augmentations. Teacher = weak view, student = strong view of the same scene."""
+
+    enabled: bool = True
+    """Master switch (off = identity transforms, e.g. for debugging)."""
+    autocontrast_p: float = 0.2
+    """Probability of chromatic auto-contrast."""
+    color_translate_ratio: float = 0.1
+    """Chromatic translation ratio."""
+    color_jitter_std: float = 0.05
+    """Chromatic jitter standard deviation (colours in [0, 1])."""
+    hue_max: float = 0.5
+    """Max hue shift (fraction of the hue circle x 0.1)."""
+    saturation_max: float = 0.2
+    """Max saturation shift."""
+    teacher_rotate_z: float = 0.0872664626
+    """Teacher z-rotation range, radians (pi/36)."""
+    student_rotate_z: float = 0.5235987756
+    """Student z-rotation range, radians (pi/6)."""
+    flip_xy: bool = True
+    """Random x/y flips (teacher and student)."""
+    student_scale_min: float = 0.8
+    """Student random scale lower bound."""
+    student_scale_max: float = 1.2
+    """Student random scale upper bound."""
+    point_jitter_sigma: float = 0.005
+    """Student per-point jitter sigma, metres."""
+    point_jitter_clip: float = 0.02
+    """Student per-point jitter clip, metres."""
+    remove_floor_p: float = 0.5
+    """Probability of dropping the floor region (and clearing its tag)."""
+    remove_wall_p: float = 0.5
+    """Probability, per side, of dropping the wall region on that side (and, if none left, its tag)."""
+    remove_ceiling_p: float = 0.0
+    """Probability of dropping the ceiling region (S3DIS: 0.5)."""
+    mix3d: bool = True
+    """Mix3D: the student sees two scenes overlaid (tags OR-ed, cross-scene links invalid)."""
+    view_jitter_student: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
+    """Image colour jitter for the student: brightness, contrast, saturation, hue."""
+    view_jitter_teacher: tuple[float, float, float, float] = (0.15, 0.15, 0.15, 0.05)
+    """Image colour jitter for the teacher (half of the student's)."""
+
+    def __post_init__(self) -> None:
+        for name in ("autocontrast_p", "remove_floor_p", "remove_wall_p", "remove_ceiling_p"):
+            _check(0.0 <= getattr(self, name) <= 1.0, name, "is a probability, must be in [0, 1]")
+        _check(0 < self.student_scale_min <= self.student_scale_max, "student_scale_min",
+               "must be > 0 and <= student_scale_max")
+
+
+@dataclass(kw_only=True)
+class PartitionConfig:
+    """Unsupervised region partitions (Table 4). Each method writes shard column region_<method>."""
+
+    method: Literal["pointwise", "vccs", "region_growing", "vccs_rg", "shape_detection", "gt"] = "shape_detection"
+    """Default method computed by `rayseg partition` when none is given."""
+    knn: int = 12
+    """Neighbours for normals, curvature and region growing."""
+    vccs_voxel_resolution: float = 0.03
+    """VCCS voxel resolution, metres."""
+    vccs_seed_resolution: float = 0.25
+    """VCCS seed resolution, metres."""
+    vccs_color_weight: float = 0.2
+    """VCCS colour distance weight."""
+    vccs_spatial_weight: float = 0.4
+    """VCCS spatial distance weight."""
+    vccs_normal_weight: float = 1.0
+    """VCCS normal distance weight."""
+    rg_smoothness_deg: float = 15.0
+    """Region growing: max angle between neighbouring normals, degrees."""
+    rg_curvature_threshold: float = 0.05
+    """Region growing: points with curvature above this do not seed/extend regions."""
+    rg_min_size: int = 50
+    """Region growing: regions smaller than this are dissolved."""
+    sd_max_distance: float = 0.03
+    """Shape detection: max point-to-plane distance, metres."""
+    sd_max_angle_deg: float = 20.0
+    """Shape detection: max angle between point normal and plane normal, degrees."""
+    sd_min_size: int = 50
+    """Shape detection: minimum region size."""
+
+    def __post_init__(self) -> None:
+        _check(self.knn >= 3, "knn", "must be >= 3")
+        for name in ("vccs_voxel_resolution", "vccs_seed_resolution", "sd_max_distance"):
+            _check(getattr(self, name) > 0, name, "must be > 0")
+        _check(self.vccs_seed_resolution >= self.vccs_voxel_resolution, "vccs_seed_resolution",
+               "must be >= vccs_voxel_resolution")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The two branches and their projection heads (Table 5, Table 7)."""
+
+    backbone_3d: Literal["MinkUNet14A", "MinkUNet18A", "MinkUNet18C", "MinkUNet34C"] = "MinkUNet18A"
+    """3D MinkUNet variant for stages cmg / cmg_rpc."""
+    backend: Literal["torch", "minkowski"] = "torch"
+    """Sparse convolution backend: pure PyTorch (always available) or MinkowskiEngine."""
+    backbone_2d: Literal["resnet34", "resnet50", "resnet101"] = "resnet50"
+    """2D ResNet (dilated, output stride 8)."""
+    init_2d: str = "imagenet"
+    """2D initialisation: 'imagenet', 'none', or a path to a local state dict (torchvision/DINO/MoCo)."""
+    freeze_2d: bool = False
+    """Freeze the 2D backbone (Table 7 'frozen')."""
+    in_channels: int = 6
+    """3D input features: colour/127.5-1 and the normal."""
+
+    def __post_init__(self) -> None:
+        _check(self.in_channels > 0, "in_channels", "must be > 0")
+
+
+@dataclass(kw_only=True)
+class GuidanceConfig:
+    """Cross-modal guidance (Table 3). 3D->2D uses proj2d against detached 3D features."""
+
+    loss_3d: Literal["contrastive", "mse", "affinity", "cam", "none"] = "contrastive"
+    """Guidance loss on the 3D branch (2D teaches 3D); 'none' disables Lcon3D."""
+    loss_2d: Literal["contrastive", "mse", "affinity", "cam", "none"] = "contrastive"
+    """Guidance loss on the 2D branch (3D teaches 2D); 'none' disables Lcon2D."""
+    alpha: float = 0.05
+    """Weight of both guidance losses."""
+    temperature: float = 0.07
+    """InfoNCE temperature tau."""
+    max_pairs: int = 512
+    """Linked point-pixel pairs sampled per scene."""
+    min_links_per_view: int = 64
+    """Views with fewer links are skipped."""
+    warmup_steps: int = 2400
+    """Linear warm-up of alpha over this many steps."""
+
+    def __post_init__(self) -> None:
+        _check(self.alpha >= 0, "alpha", "must be >= 0")
+        _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(self.max_pairs > 0, "max_pairs", "must be > 0")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class RPCConfig:
+    """Region-point consistency with the EMA teacher (Table 8)."""
+
+    enabled_3d: bool = True
+    """Lrpc3D (active in stage cmg_rpc only)."""
+    enabled_2d: bool = True
+    """Lrpc2D on pixel regions (active in stage cmg_rpc only)."""
+    beta: float = 1.0
+    """Weight of both RPC losses."""
+    eta: float = 0.8
+    """Threshold scale: T[c] = eta * Q[c] / max(Q) (adaptive) or eta (fixed)."""
+    mode: Literal["region", "point"] = "region"
+    """'region': teacher probabilities mean-pooled within regions; 'point': no pooling."""
+    threshold: Literal["adaptive", "fixed"] = "adaptive"
+    """Adaptive (class-count-scaled) or fixed threshold."""
+    ema_decay: float = 0.999
+    """EMA teacher decay (weights and BN buffers)."""
+    warmup_steps: int = 2400
+    """Linear warm-up of beta over this many steps."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.eta <= 1.0, "eta", "must be in [0, 1]")
+        _check(self.beta >= 0, "beta", "must be >= 0")
+        _check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Eq. 9: L = Lcls3D + Lcls2D + alpha(Lcon3D + Lcon2D) + beta(Lrpc3D + Lrpc2D)."""
+
+    cls_3d: bool = True
+    """Multi-label classification on average-pooled 3D logits."""
+    cls_2d: bool = True
+    """Multi-label classification on average-pooled 2D logits."""
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    rpc: RPCConfig = field(default_factory=RPCConfig)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """SGD with a per-step poly schedule; the three stages of METHOD.md."""
+
+    batch_size: int = 4
+    """Scenes per step (global, split across workers)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 1e-4
+    """SGD weight decay."""
+    poly_power: float = 0.9
+    """Poly learning-rate schedule power."""
+    cmg_epochs: int = 50
+    """Stage cmg epochs."""
+    cmg_lr: float = 0.1
+    """Stage cmg learning rate."""
+    cmg_rpc_epochs: int = 25
+    """Stage cmg_rpc epochs (continues from cmg: student and teacher)."""
+    cmg_rpc_lr: float = 0.05
+    """Stage cmg_rpc learning rate."""
+    loops_per_epoch: int = 4
+    """Passes over the train split per epoch (reference: 4)."""
+    seg_epochs: int = 100
+    """Stage seg epochs (fresh MinkUNet, cross-entropy on pseudo-labels)."""
+    seg_lr: float = 0.1
+    """Stage seg learning rate."""
+    seg_backbone: Literal["MinkUNet14A", "MinkUNet18A", "MinkUNet18C", "MinkUNet34C"] = "MinkUNet18C"
+    """Stage seg network."""
+    seg_voxel_size: float = 0.02
+    """Stage seg voxel size, metres."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "batch_size", "must be > 0")
+        for name in ("cmg_epochs", "cmg_rpc_epochs", "seg_epochs"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
+        _check(self.loops_per_epoch > 0, "loops_per_epoch", "must be > 0")
+        for name in ("cmg_lr", "cmg_rpc_lr", "seg_lr", "seg_voxel_size"):
+            _check(getattr(self, name) > 0, name, "must be > 0")
+
+
+@dataclass(kw_only=True)
+class RayConfig:
+    """Ray cluster and resources. Defaults suit a 2-core laptop; clusters override."""
+
+    address: str = ""
+    """Ray address; '' starts an embedded local Ray (or joins RAY_ADDRESS when set)."""
+    num_workers: int = 0
+    """Ray Train workers (0 = run the loop in the driver process, no DDP)."""
+    cpus_per_worker: float = 0.5
+    """CPUs per training worker (fractional so Ray Data is not starved on small machines)."""
+    use_gpu: bool = False
+    """One GPU per worker; NCCL instead of gloo."""
+    data_block_mb: int = 16
+    """Ray Data target max block size, MiB (scene-sized rows)."""
+    max_failures: int = 2
+    """Ray Train FailureConfig.max_failures (resume from the last checkpoint)."""
+    inference_actors: int = 1
+    """Actor pool size for pseudo-label batch inference."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        _check(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        _check(self.data_block_mb > 0, "data_block_mb", "must be > 0")
+        _check(self.inference_actors > 0, "inference_actors", "must be > 0")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """MLflow tracking."""
+
+    uri: str = ""
+    """Tracking URI; '' = sqlite:///<runs_dir>/mlflow.db."""
+    experiment: str = "rayseg"
+    """MLflow experiment name."""
+    runs_dir: str = "runs"
+    """Directory for run outputs (checkpoints, pseudo-labels, the default sqlite store)."""
+
+
+@dataclass(kw_only=True)
+class TuneConfig:
+    """Ray Tune sweep settings (the grid itself is the file's [grid] table)."""
+
+    max_concurrent: int = 0
+    """Max concurrent trials (0 = derived from the cluster)."""
+    max_failures: int = 1
+    """Retries per failed trial."""
+    asha: bool = False
+    """ASHA early stopping on the monitored pseudo-label mIoU."""
+    metric: str = "pseudo_miou_3d"
+    """Metric Tune optimises/reports (never a val metric by default)."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    """A whole experiment."""
+
+    name: str = "experiment"
+    """Experiment name (MLflow experiment and run directory prefix)."""
+    seed: int = 0
+    """Global seed (deterministic on one device)."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from nested dicts, strictly
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return value as type tp or raise ConfigError naming key."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _check(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        _check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        _check(len(value) == len(args), key, f"expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        _check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a table, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected bool, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected int, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected str, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            raise ConfigError(f"{prefix}{k}: unknown key (known keys of [{prefix.rstrip('.') or 'top level'}]: "
+                              f"{', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}{exc}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """Nested plain dict of a config (tuples become lists, TOML-ready)."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1} (for MLflow params and error messages)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for dotted, v in flat.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: {p} is a value, not a table")
+        node[leaf] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Files, overrides, grids
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Experiment:
+    """A resolved experiment: the config, the grid for Tune, and where each key came from."""
+
+    config: Config
+    grid: dict[str, list] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    path: str | None = None
+
+
+def _read_toml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str], dict[str, list]]:
+    """Flat values, their source files and the grid of a TOML file, following `extends`."""
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path in chain:
+        raise ConfigError(f"{path}: circular extends ({' -> '.join(str(p) for p in chain + (path,))})")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    grid: dict[str, list] = {}
+    parent = raw.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: extends must be a string path")
+        flat, sources, grid = _read_toml(path.parent / parent, chain + (path,))
+    own_grid = raw.pop("grid", {})
+    if not isinstance(own_grid, dict):
+        raise ConfigError(f"{path}: [grid] must be a table")
+    for k, v in flatten(own_grid).items():
+        if not isinstance(v, list) or not v:
+            raise ConfigError(f"{path}: grid.{k}: must be a non-empty list of values")
+        grid[k] = v
+    for k, v in flatten(raw).items():
+        flat[k] = v
+        sources[k] = str(path)
+    return flat, sources, grid
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', value); the value is read as TOML, else kept as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. loss.rpc.eta=0.7")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def build(flat: dict[str, Any], sources: dict[str, str] | None = None) -> Config:
+    """Config from flat dotted overrides; errors name the key and the file that set it."""
+    sources = sources or {}
+    try:
+        return _build(Config, _unflatten(flat))
+    except ConfigError as exc:
+        msg = str(exc)
+        key = msg.split(":", 1)[0]
+        where = sources.get(key) or next((s for k, s in sources.items() if key.startswith(k) or k.startswith(key)), None)
+        raise ConfigError(f"{msg} (set in {where})" if where else msg) from None
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Experiment:
+    """Load an experiment file (or the defaults) and apply `--set` overrides, strictly."""
+    flat: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    grid: dict[str, list] = {}
+    if path is not None:
+        flat, sources, grid = _read_toml(Path(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        flat[key] = value
+        sources[key] = f"--set {text}"
+    cfg = build(flat, sources)
+    exp = Experiment(config=cfg, grid=grid, sources=sources, path=str(path) if path else None)
+    for point in grid_points(exp):  # validate every grid value before anything runs
+        apply(exp, point, source=f"{path} [grid]")
+    return exp
+
+
+def grid_points(exp: Experiment) -> list[dict[str, Any]]:
+    """Cartesian product of the [grid] table, as a list of {dotted_key: value}."""
+    keys = list(exp.grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(exp.grid[k] for k in keys))]
+
+
+def apply(exp: Experiment, point: dict[str, Any], source: str = "grid") -> Config:
+    """The experiment's config with a grid point (dotted overrides) applied and validated."""
+    flat = flatten(to_dict(exp.config))
+    sources = dict(exp.sources)
+    for k, v in point.items():
+        if k not in flat:
+            raise ConfigError(f"{k}: unknown key (set in {source})")
+        flat[k] = v
+        sources[k] = source
+    return build(flat, sources)
+
+
+def dumps(cfg: Config) -> str:
+    """The fully resolved config as TOML."""
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def replace(cfg: Config, **dotted: Any) -> Config:
+    """Copy of cfg with dotted-key overrides, e.g. replace(cfg, **{'optim.cmg_epochs': 1})."""
+    flat = flatten(to_dict(copy.deepcopy(cfg)))
+    for k, v in dotted.items():
+        if k not in flat:
+            raise ConfigError(f"{k}: unknown key")
+        flat[k] = v
+    return build(flat)
