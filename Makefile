@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU torch build lives on disk here; without this pin pip pulls GBs of CUDA wheels.
 PIP := $(BIN)/pip install -c constraints.txt
 WHEEL_CACHE ?= $(HOME)/.cache/rayseg/wheels
-ME_WHEEL := $(WHEEL_CACHE)/MinkowskiEngine-0.5.4-cp311-cp311-linux_x86_64.whl
+ME_WHEEL := $(WHEEL_CACHE)/minkowskiengine-0.5.4-cp311-cp311-linux_x86_64.whl
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_DATA_PARQUET_FOOTER_NUM_ACTORS := 2
