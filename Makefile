@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The CPU torch build lives on disk here; without this pin pip pulls GBs of CUDA wheels.
 PIP := $(BIN)/pip install -c constraints.txt
-WHEEL_CACHE ?= $(HOME)/.cache/rayseg/wheels
-ME_WHEEL := $(WHEEL_CACHE)/minkowskiengine-0.5.4-cp311-cp311-linux_x86_64.whl
+# Kept beside pip's own cache so a warm pip cache also holds the compiled MinkowskiEngine wheel.
+WHEEL_CACHE ?= $(HOME)/.cache/pip/rayseg-wheels
+ME_GLOB := $(WHEEL_CACHE)/[mM]inkowski[eE]ngine-0.5.4-*.whl
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_DATA_PARQUET_FOOTER_NUM_ACTORS := 2
@@ -32,9 +33,9 @@ minkowski: $(VENV)/.minkowski
 $(VENV)/.minkowski: $(VENV)/.installed
 	@dpkg -s libopenblas-dev >/dev/null 2>&1 || (apt-get install -y libopenblas-dev || (apt-get update && apt-get install -y libopenblas-dev))
 	@mkdir -p $(WHEEL_CACHE)
-	test -f $(ME_WHEEL) || SETUPTOOLS_USE_DISTUTILS=stdlib MAX_JOBS=2 $(BIN)/pip wheel --no-deps \
+	ls $(ME_GLOB) >/dev/null 2>&1 || SETUPTOOLS_USE_DISTUTILS=stdlib MAX_JOBS=2 $(BIN)/pip wheel --no-deps \
 		--no-build-isolation -c constraints.txt MinkowskiEngine==0.5.4 -w $(WHEEL_CACHE)
-	$(PIP) --no-deps $(ME_WHEEL)
+	$(PIP) --no-deps $$(ls $(ME_GLOB) | head -n 1)
 	touch $@
 
 clean:
