@@ -1,0 +1,473 @@
+"""The losses of METHOD.md (Eq. 1-9), written as small functions on batched tensors.
+
+Batch conventions (shared with ``rayseg.data.pipeline``):
+
+- per-point tensors are concatenated over the B scenes of a batch: shape (N, ...);
+- ``offset`` int64 (B,) holds cumulative counts: scene b owns rows ``offset[b-1]:offset[b]``
+  (``offset[-1] == N``). The same convention is used for voxels, views and sampled pairs;
+- ``tags`` (B, C) float multi-hot scene tags (the only supervision);
+- ``region`` int64 (N,) region ids, globally unique over the batch, ``NO_REGION`` (-1) = none;
+- 2D logits are (V, C, H, W) for all V views of the batch, ``view_offset`` (B,) cumulative view
+  counts. 2D losses work on pixels as rows: see ``flatten_pixels`` / ``pixel_offset``.
+
+Nothing here reads ground truth: pseudo-labels come from the teacher's logits and scene tags only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rayseg.config import LossConfig
+
+# Logit given to classes absent from the scene tag before a softmax (METHOD.md "masked softmax").
+ABSENT_LOGIT = -1e6
+
+STAGES = ("cmg", "cmg_rpc", "seg")
+TERMS = ("cls_3d", "cls_2d", "con_3d", "con_2d", "rpc_3d", "rpc_2d")
+
+
+# --------------------------------------------------------------------------------------------
+# Offsets
+# --------------------------------------------------------------------------------------------
+
+
+def counts_from_offset(offset: torch.Tensor) -> torch.Tensor:
+    """Cumulative offsets (B,) -> per-scene counts (B,)."""
+    offset = offset.long()
+    return torch.diff(offset, prepend=offset.new_zeros(1))
+
+
+def batch_index(offset: torch.Tensor) -> torch.Tensor:
+    """Cumulative offsets (B,) -> scene index of every row (N,)."""
+    counts = counts_from_offset(offset)
+    if (counts < 0).any():
+        raise ValueError(f"offset must be non-decreasing cumulative counts, got {offset.tolist()}")
+    return torch.repeat_interleave(torch.arange(len(offset), device=offset.device), counts)
+
+
+def gather_tags(tags: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Per-scene tags (B, C) -> per-row tags (N, C) using the rows' cumulative offsets."""
+    if tags.shape[0] != offset.shape[0]:
+        raise ValueError(f"tags has {tags.shape[0]} scenes but offset has {offset.shape[0]}")
+    return tags[batch_index(offset.to(tags.device))]
+
+
+def segment_mean(values: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of the rows of each scene: (N, C) -> ((B, C) means, (B,) bool "scene has rows").
+
+    Scenes without rows get a zero mean and False in the second output."""
+    counts = counts_from_offset(offset).to(values.device)
+    idx = batch_index(offset.to(values.device))
+    sums = values.new_zeros(len(counts), values.shape[1]).index_add_(0, idx, values)
+    nonempty = counts > 0
+    return sums / counts.clamp(min=1).unsqueeze(1).to(values.dtype), nonempty
+
+
+# --------------------------------------------------------------------------------------------
+# 2D rows
+# --------------------------------------------------------------------------------------------
+
+
+def flatten_pixels(x: torch.Tensor) -> torch.Tensor:
+    """(V, C, H, W) -> (V*H*W, C) rows, or (V, H, W) -> (V*H*W,), pixel order v, y, x."""
+    if x.dim() == 4:
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    if x.dim() == 3:
+        return x.reshape(-1)
+    raise ValueError(f"expected a (V, C, H, W) or (V, H, W) tensor, got shape {tuple(x.shape)}")
+
+
+def pixel_offset(view_offset: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Cumulative view counts (B,) -> cumulative pixel counts (B,) of flatten_pixels rows."""
+    return view_offset.long() * (height * width)
+
+
+def gather_pixels(feature_map: torch.Tensor, view: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                  image_hw: tuple[int, int]) -> torch.Tensor:
+    """Rows of a (V, D, h, w) map at image pixels (view, row, col) given in image coordinates
+    (H, W) = image_hw; a coarser map (e.g. stride 8 features) is sampled at the covering cell."""
+    height, width = image_hw
+    h, w = feature_map.shape[2:]
+    r = torch.div(row.long() * h, height, rounding_mode="floor").clamp_(0, h - 1)
+    c = torch.div(col.long() * w, width, rounding_mode="floor").clamp_(0, w - 1)
+    return feature_map[view.long(), :, r, c]
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-label classification (Lcls)
+# --------------------------------------------------------------------------------------------
+
+
+def multilabel_cls_loss(logits: torch.Tensor, offset: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+    """Lcls for 3D: multi-label soft margin (sigmoid BCE averaged over classes, then over scenes)
+    between each scene's tags and its average-pooled logits.
+
+    logits (N, C) per voxel (or point) rows, offset (B,) cumulative row counts, tags (B, C).
+    Scenes without rows are left out; with none at all the loss is a zero that keeps the graph."""
+    pooled, nonempty = segment_mean(logits.float(), offset)
+    if not nonempty.any():
+        return logits.sum() * 0.0
+    return F.multilabel_soft_margin_loss(pooled[nonempty], tags[nonempty].float())
+
+
+def multilabel_cls_loss_2d(logits: torch.Tensor, view_offset: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+    """Lcls for 2D: the same loss on logits (V, C, H, W) average-pooled over all pixels of all the
+    views of each scene (views share H x W, so the mean of per-view means is the pixel mean)."""
+    if logits.dim() != 4:
+        raise ValueError(f"2D logits must be (V, C, H, W), got shape {tuple(logits.shape)}")
+    per_view = logits.float().mean(dim=(2, 3))
+    return multilabel_cls_loss(per_view, view_offset, tags)
+
+
+# --------------------------------------------------------------------------------------------
+# Masked softmax and region pooling
+# --------------------------------------------------------------------------------------------
+
+
+def masked_softmax(logits: torch.Tensor, row_tags: torch.Tensor) -> torch.Tensor:
+    """Softmax over the classes present in each row's scene tag (absent classes get logit -1e6,
+    hence probability 0). logits (N, C), row_tags (N, C) multi-hot. Computed in float32 so that
+    -1e6 is finite under half precision. A row whose scene has no tag at all gets the uniform
+    distribution (every class equally absent)."""
+    present = row_tags > 0.5
+    masked = torch.where(present, logits.float(), torch.full_like(logits, ABSENT_LOGIT, dtype=torch.float32))
+    return torch.softmax(masked, dim=1)
+
+
+def region_mean(values: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Eq. 2-3: every row gets the mean of the rows sharing its region id; rows with region -1
+    keep their own values. values (N, C), region (N,) ids unique over the batch."""
+    if region.shape[0] != values.shape[0]:
+        raise ValueError(f"region has {region.shape[0]} rows but values have {values.shape[0]}")
+    out = values.clone()
+    has_region = region >= 0
+    if has_region.any():
+        ids, inverse = torch.unique(region[has_region], return_inverse=True)
+        sums = values.new_zeros(len(ids), values.shape[1]).index_add_(0, inverse, values[has_region])
+        counts = torch.bincount(inverse, minlength=len(ids)).to(values.dtype)
+        out[has_region] = (sums / counts.unsqueeze(1))[inverse]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Region-point consistency (Lrpc) with fixed / adaptive thresholds
+# --------------------------------------------------------------------------------------------
+
+
+class ThresholdState:
+    """Per-class thresholds of Eq. 5-7 and the counts Q they are computed from.
+
+    Q[c] is the cumulative number of rows (points or pixels) accepted with pseudo-label c since
+    the start of training, summed over all ranks; it is updated after masking, never reset, and
+    travels in checkpoints through state_dict / load_state_dict.
+
+    - adaptive: T[c] = eta * Q[c] / max(Q). While max(Q) == 0 (the first step) the ratio 0/0 is
+      defined as 0, so T = 0 and every row passes (the mask is prob > T and the argmax probability
+      of a masked softmax is >= 1/C > 0). Later, a class never accepted has T[c] = 0 as well.
+    - fixed: T[c] = eta for every class (Q is still counted, for logging).
+    """
+
+    def __init__(self, num_classes: int, eta: float, adaptive: bool):
+        if num_classes <= 0:
+            raise ValueError(f"num_classes must be > 0, got {num_classes}")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        self.num_classes = num_classes
+        self.eta = float(eta)
+        self.adaptive = bool(adaptive)
+        self.counts = torch.zeros(num_classes, dtype=torch.int64)
+
+    @classmethod
+    def from_config(cls, cfg, num_classes: int) -> "ThresholdState":
+        """From an RPCConfig (eta, threshold = 'adaptive' | 'fixed')."""
+        return cls(num_classes, cfg.eta, cfg.threshold == "adaptive")
+
+    def thresholds(self) -> torch.Tensor:
+        """T (C,) float32 on the CPU (move it to the logits' device)."""
+        if not self.adaptive:
+            return torch.full((self.num_classes,), self.eta, dtype=torch.float32)
+        top = int(self.counts.max())
+        if top == 0:  # 0/0 := 0: nothing counted yet, everything passes
+            return torch.zeros(self.num_classes, dtype=torch.float32)
+        return (self.eta * self.counts.double() / top).float()
+
+    def update(self, accepted_counts: torch.Tensor) -> None:
+        """Q += accepted_counts (C,), which must already be summed over all DDP ranks
+        (see rayseg.metrics.all_reduce_sum) so that every rank keeps the same Q."""
+        accepted_counts = accepted_counts.detach().to("cpu", torch.int64).reshape(-1)
+        if accepted_counts.shape[0] != self.num_classes:
+            raise ValueError(f"accepted_counts has {accepted_counts.shape[0]} classes, expected {self.num_classes}")
+        if (accepted_counts < 0).any():
+            raise ValueError("accepted_counts must be >= 0")
+        self.counts += accepted_counts
+
+    def state_dict(self) -> dict:
+        return {"num_classes": self.num_classes, "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("num_classes", "counts"):
+            if key not in state:
+                raise KeyError(f"threshold state: missing key {key!r}")
+        if int(state["num_classes"]) != self.num_classes:
+            raise ValueError(f"threshold state: num_classes is {state['num_classes']}, expected {self.num_classes}")
+        counts = torch.as_tensor(state["counts"], dtype=torch.int64)
+        if counts.shape != (self.num_classes,):
+            raise ValueError(f"threshold state: counts has shape {tuple(counts.shape)}, expected ({self.num_classes},)")
+        self.counts = counts.clone()
+
+
+def rpc_targets(teacher_logits: torch.Tensor, row_tags: torch.Tensor, region: torch.Tensor | None,
+                thresholds: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher side of RPC (Eq. 2-3, 5-7): pseudo-labels (N,) int64 and the keep mask (N,) bool.
+
+    teacher_logits (N, C) per row (already mapped from voxels to the rows), row_tags (N, C),
+    region (N,) ids (-1 = none; ignored in 'point' mode), thresholds (C,) from ThresholdState.
+    mode 'region': masked-softmax probabilities are mean-pooled within regions before the argmax
+    and the threshold test; 'point': no pooling. A row is kept iff its (pooled) probability of
+    the chosen class c is > T[c]."""
+    if mode not in ("region", "point"):
+        raise ValueError(f"rpc mode must be 'region' or 'point', got {mode!r}")
+    with torch.no_grad():
+        probs = masked_softmax(teacher_logits.detach(), row_tags)
+        if mode == "region":
+            if region is None:
+                raise ValueError("rpc mode 'region' needs a region tensor")
+            probs = region_mean(probs, region.to(probs.device))
+        confidence, label = probs.max(dim=1)
+        mask = confidence > thresholds.to(probs.device)[label]
+    return label, mask
+
+
+def accepted_counts(label: torch.Tensor, mask: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Rows kept per pseudo-label class (C,) int64: this rank's contribution to Q."""
+    return torch.bincount(label[mask], minlength=num_classes).long()
+
+
+def rpc_loss(student_logits: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 8: cross-entropy of the student's logits (N, C) against the pseudo-labels, times the
+    mask, averaged over ALL N rows (masked-out rows count in the denominator)."""
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    ce = F.cross_entropy(student_logits.float(), label, reduction="none")
+    return (ce * mask.to(ce.dtype)).sum() / student_logits.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-modal guidance (Lcon), four variants
+# --------------------------------------------------------------------------------------------
+
+
+def sample_link_pairs(link_point: torch.Tensor, link_view: torch.Tensor, point_offset: torch.Tensor,
+                      max_pairs: int, min_links_per_view: int,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the point-pixel links used by the guidance losses.
+
+    Links are rows (point index into the batch's points, view index into the batch's views).
+    Links of views with fewer than min_links_per_view links are dropped; then each scene keeps
+    at most max_pairs of its remaining links, drawn uniformly without replacement with
+    `generator` (deterministic for a seeded CPU generator). Returns (selected link indices,
+    sorted within each scene, on the links' device; pair_offset (B,) cumulative pair counts)."""
+    device = link_point.device
+    point = link_point.detach().long().cpu()
+    view = link_view.detach().long().cpu()
+    offset = point_offset.detach().long().cpu()
+    if point.shape != view.shape:
+        raise ValueError(f"link_point {tuple(point.shape)} and link_view {tuple(view.shape)} differ")
+    if len(point) and (point.min() < 0 or point.max() >= (offset[-1] if len(offset) else 0)):
+        raise ValueError("link_point holds indices outside the batch's points")
+    if len(view):
+        per_view = torch.bincount(view)
+        keep = per_view[view] >= min_links_per_view
+    else:
+        keep = torch.zeros(0, dtype=torch.bool)
+    scene = torch.searchsorted(offset, point, right=True)
+    chosen, counts = [], []
+    for b in range(len(offset)):
+        candidates = torch.nonzero(keep & (scene == b)).squeeze(1)
+        if len(candidates) > max_pairs:
+            pick = torch.randperm(len(candidates), generator=generator)[:max_pairs]
+            candidates = candidates[pick].sort().values
+        chosen.append(candidates)
+        counts.append(len(candidates))
+    selected = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
+    return selected.to(device), torch.cumsum(torch.tensor(counts, dtype=torch.long), 0).to(device)
+
+
+def contrastive_guidance(query: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE of Eq. 1 for one scene, rows only: q = normalise(query) (P, D), k = normalise(
+    target).detach() (P, D), logits = q k^T / tau, cross-entropy with target i for row i,
+    averaged over the P rows."""
+    q = F.normalize(query.float(), dim=1)
+    k = F.normalize(target.detach().float(), dim=1)
+    logits = q @ k.t() / temperature
+    return F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+
+
+def mse_guidance(query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distance between normalise(query) and normalise(target).detach() (P, D),
+    summed over D and averaged over the P pairs."""
+    q = F.normalize(query.float(), dim=1)
+    k = F.normalize(target.detach().float(), dim=1)
+    return ((q - k) ** 2).sum(dim=1).mean()
+
+
+def affinity_guidance(query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Match pairwise cosine-similarity matrices: A_q = q q^T (P, P) of this branch's normalised
+    features, A_k = k k^T of the other branch's normalised features (detached); the mean of
+    (A_q - A_k)^2 over the P x P entries. query and target may have different widths."""
+    q = F.normalize(query.float(), dim=1)
+    k = F.normalize(target.detach().float(), dim=1)
+    return ((q @ q.t() - k @ k.t()) ** 2).mean()
+
+
+def cam_guidance(logits: torch.Tensor, target_logits: torch.Tensor, pair_tags: torch.Tensor) -> torch.Tensor:
+    """CAM guidance: targets are the argmax of the other branch's masked softmax (its class
+    activation map, detached) at the paired locations; cross-entropy of this branch's logits
+    (P, C) against them, averaged over the P pairs. pair_tags (P, C) = the pairs' scene tags."""
+    target = masked_softmax(target_logits.detach(), pair_tags).argmax(dim=1)
+    return F.cross_entropy(logits.float(), target)
+
+
+GUIDANCE_VARIANTS = ("contrastive", "mse", "affinity", "cam")
+
+
+def guidance_loss(variant: str, pair_offset: torch.Tensor, *, query: torch.Tensor | None = None,
+                  target: torch.Tensor | None = None, logits: torch.Tensor | None = None,
+                  target_logits: torch.Tensor | None = None, pair_tags: torch.Tensor | None = None,
+                  temperature: float = 0.07) -> torch.Tensor:
+    """One direction of cross-modal guidance, computed per scene and averaged over the scenes
+    that have at least one pair (sampled by sample_link_pairs; rows of every tensor below are
+    those pairs, grouped by scene as pair_offset says). For Lcon3D "this branch" is 3D and the
+    other is 2D; for Lcon2D the reverse.
+
+    Inputs by variant:
+    - 'contrastive', 'mse': query = this branch's projection-head output at the pairs (P, D_other),
+      target = the other branch's raw features at the pairs (P, D_other), detached here.
+    - 'affinity': query = this branch's features at the pairs, target = the other branch's raw
+      features at the pairs (detached here); widths may differ.
+    - 'cam': logits = this branch's class logits at the pairs (P, C), target_logits = the other
+      branch's logits at the pairs (detached here), pair_tags = the pairs' scene tags (P, C).
+    Query/target features are L2-normalised here. With no pair at all the result is a zero that
+    keeps the graph (so DDP sees every parameter used)."""
+    if variant in ("contrastive", "mse", "affinity"):
+        if query is None or target is None:
+            raise ValueError(f"guidance {variant!r} needs query and target features")
+        if query.shape[0] != target.shape[0]:
+            raise ValueError(f"guidance {variant!r}: query has {query.shape[0]} rows, target {target.shape[0]}")
+        anchor = query
+    elif variant == "cam":
+        if logits is None or target_logits is None or pair_tags is None:
+            raise ValueError("guidance 'cam' needs logits, target_logits and pair_tags")
+        anchor = logits
+    else:
+        raise ValueError(f"unknown guidance variant {variant!r} (choose from {', '.join(GUIDANCE_VARIANTS)})")
+    num_pairs = int(pair_offset[-1]) if len(pair_offset) else 0
+    if num_pairs != anchor.shape[0]:
+        raise ValueError(f"pair_offset covers {num_pairs} pairs but inputs have {anchor.shape[0]} rows")
+    starts = torch.cat([pair_offset.new_zeros(1), pair_offset[:-1]]).tolist()
+    per_scene = []
+    for start, end in zip(starts, pair_offset.tolist()):
+        if end == start:
+            continue
+        rows = slice(start, end)
+        if variant == "contrastive":
+            per_scene.append(contrastive_guidance(query[rows], target[rows], temperature))
+        elif variant == "mse":
+            per_scene.append(mse_guidance(query[rows], target[rows]))
+        elif variant == "affinity":
+            per_scene.append(affinity_guidance(query[rows], target[rows]))
+        else:
+            per_scene.append(cam_guidance(logits[rows], target_logits[rows], pair_tags[rows]))
+    if not per_scene:
+        return anchor.sum() * 0.0
+    return torch.stack(per_scene).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Eq. 9 and warm-ups
+# --------------------------------------------------------------------------------------------
+
+
+def warmup_weight(step: int, warmup_steps: int) -> float:
+    """Linear ramp min(step / warmup_steps, 1); warmup_steps 0 means no warm-up (always 1)."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(max(step, 0) / warmup_steps, 1.0)
+
+
+def active_terms(cfg: LossConfig, stage: str, has_2d: bool = True) -> tuple[str, ...]:
+    """The Eq. 9 terms a step must compute, from the switches: cls_3d / cls_2d; con_3d / con_2d
+    when guidance.loss_3d / loss_2d != 'none' (guidance needs views); rpc_3d / rpc_2d only in
+    stage 'cmg_rpc'. has_2d=False (no views, e.g. num_views 0) drops every 2D-dependent term."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
+    if stage == "seg":
+        raise ValueError("stage 'seg' trains with plain cross-entropy, not Eq. 9")
+    terms = []
+    if cfg.cls_3d:
+        terms.append("cls_3d")
+    if cfg.cls_2d and has_2d:
+        terms.append("cls_2d")
+    if cfg.guidance.loss_3d != "none" and has_2d:
+        terms.append("con_3d")
+    if cfg.guidance.loss_2d != "none" and has_2d:
+        terms.append("con_2d")
+    if stage == "cmg_rpc":
+        if cfg.rpc.enabled_3d:
+            terms.append("rpc_3d")
+        if cfg.rpc.enabled_2d and has_2d:
+            terms.append("rpc_2d")
+    return tuple(terms)
+
+
+def term_weights(cfg: LossConfig, step: int) -> dict[str, float]:
+    """Eq. 9 weights at `step` (steps since the start of the current stage, as the training loop
+    counts them): 1 for cls, alpha * warm-up for con, beta * warm-up for rpc."""
+    alpha = cfg.guidance.alpha * warmup_weight(step, cfg.guidance.warmup_steps)
+    beta = cfg.rpc.beta * warmup_weight(step, cfg.rpc.warmup_steps)
+    return {"cls_3d": 1.0, "cls_2d": 1.0, "con_3d": alpha, "con_2d": alpha, "rpc_3d": beta, "rpc_2d": beta}
+
+
+def total_loss(terms: dict[str, torch.Tensor], cfg: LossConfig, stage: str, step: int,
+               has_2d: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 9: L = Lcls3D + Lcls2D + alpha(Lcon3D + Lcon2D) + beta(Lrpc3D + Lrpc2D).
+
+    terms maps names in TERMS to scalar losses; every term active_terms() lists must be there
+    (a missing one is a bug in the caller and raises), others are logged but not added.
+    Returns the total and floats for logging: 'loss', 'loss/<term>', 'weight/<term>'."""
+    unknown = sorted(set(terms) - set(TERMS))
+    if unknown:
+        raise ValueError(f"unknown loss terms {unknown} (known: {', '.join(TERMS)})")
+    active = active_terms(cfg, stage, has_2d)
+    missing = [t for t in active if t not in terms]
+    if missing:
+        raise ValueError(f"stage {stage!r}: loss terms {missing} are switched on but were not computed")
+    weights = term_weights(cfg, step)
+    total = sum(weights[t] * terms[t] for t in active) if active else torch.zeros(())
+    log = {"loss": float(total.detach())}
+    for name, value in terms.items():
+        log[f"loss/{name}"] = float(value.detach())
+    for name in active:
+        log[f"weight/{name}"] = weights[name]
+    return total, log
+
+
+# --------------------------------------------------------------------------------------------
+# Pseudo-labels for inference
+# --------------------------------------------------------------------------------------------
+
+
+def scene_pseudo_labels(logits: torch.Tensor, tags: torch.Tensor, region: torch.Tensor | None,
+                        mode: str = "region") -> torch.Tensor:
+    """Pseudo-labels of one scene (METHOD.md): logits (N, C) -> masked softmax with the scene's
+    tags (C,) -> region mean (mode 'region'; region (N,), -1 = none) -> argmax. No threshold."""
+    if mode not in ("region", "point"):
+        raise ValueError(f"pseudo-label mode must be 'region' or 'point', got {mode!r}")
+    with torch.no_grad():
+        probs = masked_softmax(logits, tags.reshape(1, -1).expand(logits.shape[0], -1))
+        if mode == "region":
+            if region is None:
+                raise ValueError("pseudo-label mode 'region' needs a region tensor")
+            probs = region_mean(probs, region.to(probs.device).long())
+        return probs.argmax(dim=1)
