@@ -238,6 +238,7 @@ class GuidanceConfig:
         _check(self.alpha >= 0, "alpha", "must be >= 0")
         _check(self.temperature > 0, "temperature", "must be > 0")
         _check(self.max_pairs > 0, "max_pairs", "must be > 0")
+        _check(self.min_links_per_view >= 0, "min_links_per_view", "must be >= 0")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
 
 
