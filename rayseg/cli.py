@@ -30,6 +30,35 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_synthetic(args: argparse.Namespace) -> int:
+    from rayseg.data import prepare
+
+    overrides = list(args.overrides)  # the flags are --set overrides, validated the same way
+    for key, value in (("num_scenes", args.scenes), ("num_views", args.views), ("seed", args.seed),
+                       ("profile", args.profile)):
+        if value is not None:
+            overrides.append(f"synthetic.{key}={value}")
+    if args.image_size is not None:
+        width, _, height = args.image_size.lower().partition("x")
+        if not (width.isdigit() and height.isdigit()):
+            raise cfgmod.ConfigError(f"--image-size: expected WxH such as 320x240, got {args.image_size!r}")
+        overrides += [f"synthetic.image_width={width}", f"synthetic.image_height={height}"]
+    cfg = cfgmod.load(args.config, overrides).config.synthetic
+    summary = prepare.prepare_synthetic(cfg, args.out, num_cpus_per_task=args.num_cpus_per_task)
+    print(summary.format())
+    return 0 if summary.ok else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rayseg.data import inspect, shards
+
+    try:
+        return inspect.run_inspect(args.root, verify=args.verify, max_scenes=0 if args.all else 20)
+    except (FileNotFoundError, NotADirectoryError, shards.ShardError) as exc:
+        print(f"inspect: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayseg", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
     ps = csub.add_parser("show", help="print the resolved config as TOML")
     _add_config_args(ps, required=False)
     ps.set_defaults(func=cmd_config_show)
+
+    # prepare / inspect (rayseg.data.prepare, rayseg.data.inspect). `prepare` is a group:
+    # dataset readers add `prepare_sub.add_parser("<dataset>")` next to `synthetic`.
+    p = sub.add_parser("prepare", help="preprocess a dataset into Parquet shards + manifest.json")
+    prepare_sub = p.add_subparsers(dest="prepare_command", required=True)
+    ps = prepare_sub.add_parser("synthetic", help="generate procedural RGB-D indoor scenes")
+    _add_config_args(ps, required=False)
+    ps.add_argument("--out", required=True, help="output dataset folder")
+    ps.add_argument("--scenes", type=int, default=None, help="number of scenes (default 64)")
+    ps.add_argument("--views", type=int, default=None, help="views per scene (default 8)")
+    ps.add_argument("--seed", type=int, default=None, help="generator seed (default 0)")
+    ps.add_argument("--profile", choices=["scannet20", "s3dis13"], default=None,
+                    help="class set / room style (default scannet20)")
+    ps.add_argument("--image-size", default=None, metavar="WxH", help="view size (default 320x240)")
+    ps.add_argument("--num-cpus-per-task", type=float, default=1.0, help="Ray CPUs per scene task")
+    ps.set_defaults(func=cmd_prepare_synthetic)
+    p = sub.add_parser("inspect", help="summarise a prepared dataset; --verify checks every file")
+    p.add_argument("root", help="prepared dataset folder")
+    p.add_argument("--verify", action="store_true",
+                   help="re-read every file: checksums, Parquet, schema, scene contract")
+    p.add_argument("--all", action="store_true", help="list every scene (default: the first 20)")
+    p.set_defaults(func=cmd_inspect)
 
     # Subcommands of the other modules register here (one block each).
     return parser

@@ -237,7 +237,7 @@ def row_to_scene(row: dict, columns: list[str] | None = None) -> dict:
                     raise ShardError(f"{where}: views have different sizes {sorted(shapes)}")
                 scene[key] = np.stack(images)
             else:
-                h, w = int(_value(row, "image_height") or 0), int(_value(row, "image_width") or 0)
+                h, w = (int(row.get(k) or 0) for k in ("image_height", "image_width"))
                 shape = (0, h, w, 3) if key == "view_rgb" else (0, h, w)
                 scene[key] = np.zeros(shape, dtype=CONTRACT_DTYPES[key])
         else:
@@ -306,7 +306,9 @@ def atomic_path(final: Path) -> Iterator[Path]:
 def _write_table(table: pa.Table, path: Path) -> None:
     with atomic_path(path) as tmp:
         # Blobs gain nothing from dictionaries or min/max statistics; zstd shrinks the npy arrays.
-        pq.write_table(table, tmp, compression="zstd", use_dictionary=False, write_statistics=False)
+        # Page CRCs let a read detect flipped bytes even inside tolerant payloads (JPEG).
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=False, write_statistics=False,
+                       write_page_checksum=True)
 
 
 def write_scene(root: str | Path, scene: dict) -> Path:
@@ -322,7 +324,7 @@ def _read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     if not path.is_file():
         raise FileNotFoundError(f"shard {path} does not exist")
     try:
-        table = pq.ParquetFile(path).read(columns=columns)
+        table = pq.ParquetFile(path, page_checksum_verification=True).read(columns=columns)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for bad files
         raise ShardError(f"shard {path}: unreadable parquet ({type(exc).__name__}: {exc})") from None
     if table.num_rows != 1:
