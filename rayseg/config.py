@@ -118,7 +118,7 @@ class AugmentConfig:
     color_jitter_std: float = 0.05
     """Chromatic jitter standard deviation (colours in [0, 1])."""
     hue_max: float = 0.5
-    """Max hue shift (fraction of the hue circle x 0.1)."""
+    """Max hue shift of point colours as a fraction of the hue circle (drawn in [-hue_max, hue_max])."""
     saturation_max: float = 0.2
     """Max saturation shift."""
     teacher_rotate_z: float = 0.0872664626
@@ -138,11 +138,17 @@ class AugmentConfig:
     remove_floor_p: float = 0.5
     """Probability of dropping the floor region (and clearing its tag)."""
     remove_wall_p: float = 0.5
-    """Probability, per side, of dropping the wall region on that side (and, if none left, its tag)."""
+    """Probability of dropping the walls: the biggest region along each of the 4 sides, clearing the wall tag."""
     remove_ceiling_p: float = 0.0
     """Probability of dropping the ceiling region (S3DIS: 0.5)."""
     mix3d: bool = True
     """Mix3D: the student sees two scenes overlaid (tags OR-ed, cross-scene links invalid)."""
+    mix3d_max_offset: float = 1.0
+    """Mix3D: the second scene is shifted in x and y by up to this many metres (whole voxels)."""
+    removal_band: float = 0.5
+    """Floor/wall/ceiling removal looks for the biggest region within this many metres of each face."""
+    chromatic_teacher: bool = True
+    """Apply the chromatic point-colour augmentations to the teacher too (the student always gets them)."""
     view_jitter_student: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
     """Image colour jitter for the student: brightness, contrast, saturation, hue."""
     view_jitter_teacher: tuple[float, float, float, float] = (0.15, 0.15, 0.15, 0.05)
@@ -151,6 +157,8 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         for name in ("autocontrast_p", "remove_floor_p", "remove_wall_p", "remove_ceiling_p"):
             _check(0.0 <= getattr(self, name) <= 1.0, name, "is a probability, must be in [0, 1]")
+        _check(self.mix3d_max_offset >= 0, "mix3d_max_offset", "must be >= 0")
+        _check(self.removal_band > 0, "removal_band", "must be > 0")
         _check(0 < self.student_scale_min <= self.student_scale_max, "student_scale_min",
                "must be > 0 and <= student_scale_max")
 

@@ -1,0 +1,480 @@
+"""Scene shards -> training / evaluation batches, in a plain Python loop or through Ray Data.
+
+One straight line: read the needed shard columns -> decode (shards.row_to_scene) -> make_sample
+(view sampling, floor/wall/ceiling removal, subsampling, point-pixel links on the un-augmented
+coordinates, teacher-weak / student-strong augmentation, voxelisation) -> collate (Mix3D overlay
+of consecutive scene pairs for the student, concatenation with offsets). `iter_batches` runs it
+in the calling process; `ray_dataset` + `iter_batches_ray` run the per-scene part in Ray Data and
+give the same batches for the same seed: every scene's random generator derives from (seed,
+epoch, scene_id) alone, and the scene order of an epoch from (seed, epoch) alone.
+
+Modes: "train" (augmented teacher + student, no ground truth read), "eval" (one un-augmented
+side, plus `label` / `view_label` for metrics), "infer" (one un-augmented side, no ground truth;
+pseudo-labelling).
+
+BATCH CONTRACT (numpy arrays ready for torch.from_numpy; B samples, N points, M voxels, V views
+per sample, H x W = data.image_height x data.image_width, C classes):
+
+=================== ================= =========================================================
+key                 dtype (shape)     meaning
+=================== ================= =========================================================
+coord               int32 (M, 4)      [batch_index, x, y, z] voxel coords, each sample's min = 0
+feat                float32 (M, 6)    colour / 127.5 - 1 and the normal, averaged per voxel
+offset              int64 (B,)        cumulative voxel counts per sample (pointcept style)
+inverse             int64 (N,)        point -> row of coord (global over the batch)
+point_offset        int64 (B,)        cumulative point counts per sample
+tags                float32 (B, C)    scene tags (after removal; OR of both scenes under Mix3D)
+view_tags           float32 (B, C)    tags for the 2D branch: as `tags` but from before the
+                                      floor/wall/ceiling removal (the views still show them)
+region              int64 (N,)        region ids, unique over the batch, -1 = no region
+images              float32 (B*V, 3, H, W)  ImageNet mean/std normalised RGB
+view_offset         int64 (B,)        cumulative view counts per sample
+link_point          int64 (K,)        batch point of each point-pixel link
+link_view           int64 (K,)        batch view (row of images) of each link
+link_pixel          int64 (K,)        flat pixel y * W + x of each link, at H x W
+view_region         int64 (B*V, H, W) pixel region ids, unique over the batch, -1 = none
+scene_id            list[str]         one per sample ("a+b" for a Mix3D sample); never a tensor
+label               int64 (N,)        eval mode only: GT class, 255 = ignore
+view_label          int64 (B*V, H, W) eval mode only: GT class per pixel, 255 = ignore
+teacher_<key>       same              train mode only: the teacher side, for every key above
+                                      except label / view_label
+=================== ================= =========================================================
+
+Train mode: the keys without prefix are the STUDENT (strong augmentation). Point i of the student
+batch is point i of the teacher batch (same points, same order; each side has its own voxels and
+`inverse`). Without Mix3D both sides have the same B samples. With Mix3D (augment.mix3d) the
+scenes of a batch are paired in order, (0, 1), (2, 3), ...: the student sample of a pair is one
+overlaid cloud with points [first..., second...] and views [first..., second...], while the
+teacher batch holds the two scenes as separate consecutive samples; an odd last scene stays
+unmixed. Point indices, view indices, links, `region` and `view_region` are therefore identical
+on both sides; `offset`, `point_offset`, `view_offset`, `tags`, `view_tags` and `scene_id` follow
+each side's samples. Links exist only between a point and a view of its own scene.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from rayseg.config import Config
+from rayseg.data import shards
+from rayseg.data import transforms as T
+from rayseg.data.linking import link_points
+from rayseg.data.scene import NO_REGION, SceneError, validate_scene
+
+log = logging.getLogger(__name__)
+
+MODES = ("train", "eval", "infer")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+VIEW_COLUMNS = ("view_rgb", "view_depth", "view_pose", "view_intrinsics", "view_frame")
+# Non-scene bookkeeping columns row_to_scene uses (schema check, sizes of zero-view scenes).
+ROW_COLUMNS = ("schema_version", "image_height", "image_width")
+# Per-side keys of a sample; the teacher's carry the prefix "teacher_".
+SIDE_KEYS = ("coord", "feat", "count", "inverse", "images")
+
+
+class PipelineError(ValueError):
+    """The dataset cannot feed this pipeline (missing column, bad mode, ...); names what is wrong."""
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise PipelineError(f"mode must be one of {list(MODES)}, got {mode!r}")
+
+
+def region_keys(cfg: Config) -> tuple[str | None, str | None]:
+    """Scene keys of the configured partition: (region_<name>, view_region_<name>), or Nones
+    when data.region_column is '' (no regions: every id is -1 and removal is skipped)."""
+    name = cfg.data.region_column
+    return (f"region_{name}", f"view_region_{name}") if name else (None, None)
+
+
+def scene_rng(seed: int, epoch: int, scene_id: str) -> np.random.Generator:
+    """The generator of one scene in one epoch: a function of (seed, epoch, scene_id) only."""
+    if seed < 0 or epoch < 0:
+        raise PipelineError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    return np.random.default_rng([seed, epoch, zlib.crc32(scene_id.encode())])
+
+
+# --------------------------------------------------------------------------------------------
+# One scene -> one sample
+# --------------------------------------------------------------------------------------------
+
+
+def _side(coord: np.ndarray, color: np.ndarray, normal: np.ndarray, rgb: np.ndarray, voxel_size: float,
+          prefix: str = "") -> dict:
+    feat = np.concatenate([color / 127.5 - 1.0, normal], axis=1)
+    vox = T.voxelize(coord, feat, voxel_size)
+    return {prefix + "coord": vox["voxel_coord"], prefix + "feat": vox["voxel_feat"],
+            prefix + "count": vox["voxel_count"], prefix + "inverse": vox["inverse"], prefix + "images": rgb}
+
+
+def make_sample(scene: dict, cfg: Config, rng: np.random.Generator, mode: str,
+                class_names: tuple[str, ...] = ()) -> dict:
+    """Turn one decoded scene record into one sample (per-scene arrays; `collate` batches them).
+
+    rng drives every random choice (use scene_rng(seed, epoch, scene_id)); in "eval"/"infer"
+    nothing is random. class_names (the dataset's, from its manifest) name the floor / wall /
+    ceiling tags that region removal clears. Ground-truth keys are read only in "eval" mode.
+    Raises SceneError naming the scene for a zero-point scene, a missing region column, or no
+    valid view when data.num_views > 0.
+    """
+    _check_mode(mode)
+    sid = str(scene.get("scene_id", "<no scene_id>"))
+    if "coord" not in scene or len(scene["coord"]) == 0:
+        raise SceneError(f"scene {sid}: coord: scene has zero points")
+    if mode != "eval":
+        scene = {k: v for k, v in scene.items() if k not in ("label", "instance", "view_label")}
+    validate_scene(scene)
+    region_key, view_region_key = region_keys(cfg)
+    num_views = cfg.data.num_views
+    for key in ([region_key] if region_key else []) + ([view_region_key] if region_key and num_views else []):
+        if key not in scene:
+            raise SceneError(f"scene {sid}: {key}: region column missing (data.region_column = "
+                             f"{cfg.data.region_column!r}; scene has {sorted(scene)})")
+    train = mode == "train"
+    aug = cfg.augment
+    augment = train and aug.enabled
+    view_tags = scene["tags"].astype(np.float32)
+
+    # View choice, removal and subsampling happen once, before the teacher/student split.
+    views = T.sample_views(scene, num_views, rng if train else None)
+    if augment and region_key:
+        scene = T.remove_structures(scene, region_key, tuple(class_names), rng, aug)
+    n = scene["coord"].shape[0]
+    if train and cfg.data.max_points and n > cfg.data.max_points:
+        scene = T.select_points(scene, np.sort(rng.choice(n, cfg.data.max_points, replace=False)))
+        n = cfg.data.max_points
+
+    # Views at the network's resolution; links from the un-augmented world coordinates.
+    hw = (cfg.data.image_height, cfg.data.image_width)
+    world = scene["coord"]
+    rgb = np.zeros((len(views),) + hw + (3,), np.uint8)
+    view_region = np.full((len(views),) + hw, NO_REGION, np.int32)
+    view_label = np.zeros((len(views),) + hw, np.uint8)
+    link_point, link_view, link_pixel = [], [], []
+    for j, i in enumerate(views):
+        src_hw = scene["view_rgb"].shape[1:3]
+        rgb[j] = T.resize_rgb(scene["view_rgb"][i], hw)
+        depth = T.resize_nearest(scene["view_depth"][i], hw)
+        K = T.resize_intrinsics(scene["view_intrinsics"][i], src_hw, hw)
+        p, px = link_points(world, depth, scene["view_pose"][i], K, cfg.data.voxel_size)
+        link_point.append(p)
+        link_view.append(np.full(p.shape, j, np.int64))
+        link_pixel.append(px)
+        if view_region_key:
+            view_region[j] = T.resize_nearest(scene[view_region_key][i], hw)
+        if mode == "eval" and "view_label" in scene:
+            view_label[j] = T.resize_nearest(scene["view_label"][i], hw)
+
+    region = scene[region_key].astype(np.int32) if region_key else np.full(n, NO_REGION, np.int32)
+    sample: dict[str, Any] = {
+        "scene_id": sid,
+        "mix3d": bool(train and aug.mix3d),
+        "tags": scene["tags"].astype(np.float32),
+        "view_tags": view_tags,
+        "region": region,
+        "view_region": view_region,
+        "link_point": np.concatenate(link_point) if link_point else np.zeros(0, np.int64),
+        "link_view": np.concatenate(link_view) if link_view else np.zeros(0, np.int64),
+        "link_pixel": np.concatenate(link_pixel) if link_pixel else np.zeros(0, np.int64),
+    }
+    coord = T.center(world.astype(np.float32))
+    color = scene["color"].astype(np.float32)
+    normal = scene["normal"].astype(np.float32) if "normal" in scene else np.zeros((n, 3), np.float32)
+    if not train:
+        sample.update(_side(coord, color, normal, rgb, cfg.data.voxel_size))
+        if mode == "eval":
+            if "label" not in scene:
+                raise SceneError(f"scene {sid}: label: missing (eval mode needs ground truth)")
+            sample["label"] = scene["label"]
+            sample["view_label"] = view_label if "view_label" in scene else np.full_like(view_label, 255)
+        return sample
+
+    # Teacher: weak augmentation. Student: strong augmentation of the same points, same order.
+    t_color, t_coord, t_normal, t_rgb = color, coord, normal, rgb
+    s_color, s_coord, s_normal, s_rgb = color, coord, normal, rgb
+    if augment:
+        if aug.chromatic_teacher:
+            t_color = T.chromatic_augment(color, rng, aug)
+        t_coord, t_normal = T.augment_geometry(coord, normal, rng, aug, strong=False)
+        t_rgb = T.view_color_jitter(rgb, rng, aug.view_jitter_teacher)
+        s_color = T.chromatic_augment(color, rng, aug)
+        s_coord, s_normal = T.augment_geometry(coord, normal, rng, aug, strong=True)
+        s_rgb = T.view_color_jitter(rgb, rng, aug.view_jitter_student)
+    sample.update(_side(t_coord, t_color, t_normal, t_rgb, cfg.data.voxel_size, prefix="teacher_"))
+    sample.update(_side(s_coord, s_color, s_normal, s_rgb, cfg.data.voxel_size))
+    # Where this scene goes when it is the second of a Mix3D pair: whole voxels in x and y.
+    shift = rng.uniform(-aug.mix3d_max_offset, aug.mix3d_max_offset, 2) / cfg.data.voxel_size
+    sample["mix_offset"] = np.array([round(shift[0]), round(shift[1]), 0], np.int32)
+    return sample
+
+
+# --------------------------------------------------------------------------------------------
+# Samples -> batch
+# --------------------------------------------------------------------------------------------
+
+
+def _id_offsets(arrays: list[np.ndarray]) -> list[int]:
+    """Offsets that make the non-negative ids of consecutive parts distinct: each part starts
+    after the largest id seen so far (parts without ids take no room)."""
+    offsets, start = [], 0
+    for a in arrays:
+        offsets.append(start)
+        if a.size:
+            start += max(int(a.max()) + 1, 0)
+    return offsets
+
+
+def _shift_ids(a: np.ndarray, offset: int) -> np.ndarray:
+    a = a.astype(np.int64)
+    return np.where(a >= 0, a + offset, a) if offset else a
+
+
+def mix3d(first: dict, second: dict) -> dict:
+    """Mix3D overlay of two student samples (make_sample output, keys without prefix): points
+    [first..., second...] with the second scene shifted by its `mix_offset` voxels, voxels merged
+    on the common grid, tags OR-ed, region ids of the second offset past the first's, views
+    [first..., second...] with each scene's links kept to its own views."""
+    n1, v1 = first["inverse"].shape[0], first["images"].shape[0]
+    vox = T.merge_voxels([
+        (first["coord"], first["feat"], first["count"], first["inverse"]),
+        (second["coord"] + second["mix_offset"], second["feat"], second["count"], second["inverse"]),
+    ])
+    roff = _id_offsets([first["region"], second["region"]])[1]
+    vroff = _id_offsets([first["view_region"], second["view_region"]])[1]
+    return {
+        "scene_id": f"{first['scene_id']}+{second['scene_id']}",
+        "coord": vox["voxel_coord"], "feat": vox["voxel_feat"], "count": vox["voxel_count"],
+        "inverse": vox["inverse"],
+        "images": np.concatenate([first["images"], second["images"]]),
+        "tags": np.maximum(first["tags"], second["tags"]),
+        "view_tags": np.maximum(first["view_tags"], second["view_tags"]),
+        "region": np.concatenate([first["region"].astype(np.int64), _shift_ids(second["region"], roff)]),
+        "view_region": np.concatenate([first["view_region"].astype(np.int64),
+                                       _shift_ids(second["view_region"], vroff)]),
+        "link_point": np.concatenate([first["link_point"], second["link_point"] + n1]),
+        "link_view": np.concatenate([first["link_view"], second["link_view"] + v1]),
+        "link_pixel": np.concatenate([first["link_pixel"], second["link_pixel"]]),
+    }
+
+
+def normalize_images(rgb: np.ndarray) -> np.ndarray:
+    """uint8 (V, H, W, 3) -> float32 (V, 3, H, W), ImageNet mean/std normalised."""
+    img = (rgb.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(img.transpose(0, 3, 1, 2))
+
+
+def _stack(parts: list[dict]) -> dict:
+    """Concatenate per-sample arrays (keys without prefix) into one side of a batch."""
+    num_voxels = np.array([p["coord"].shape[0] for p in parts], np.int64)
+    num_points = np.array([p["inverse"].shape[0] for p in parts], np.int64)
+    num_views = np.array([p["images"].shape[0] for p in parts], np.int64)
+    voxel_start = np.concatenate([[0], np.cumsum(num_voxels)[:-1]])
+    point_start = np.concatenate([[0], np.cumsum(num_points)[:-1]])
+    view_start = np.concatenate([[0], np.cumsum(num_views)[:-1]])
+    coord = np.concatenate([
+        np.concatenate([np.full((p["coord"].shape[0], 1), b, np.int32), p["coord"] - p["coord"].min(0)], 1)
+        for b, p in enumerate(parts)]).astype(np.int32)
+    region_off = _id_offsets([p["region"] for p in parts])
+    view_region_off = _id_offsets([p["view_region"] for p in parts])
+    return {
+        "coord": coord,
+        "feat": np.concatenate([p["feat"] for p in parts]).astype(np.float32),
+        "offset": np.cumsum(num_voxels),
+        "inverse": np.concatenate([p["inverse"] + s for p, s in zip(parts, voxel_start)]).astype(np.int64),
+        "point_offset": np.cumsum(num_points),
+        "tags": np.stack([p["tags"] for p in parts]).astype(np.float32),
+        "view_tags": np.stack([p["view_tags"] for p in parts]).astype(np.float32),
+        "region": np.concatenate([_shift_ids(p["region"], o) for p, o in zip(parts, region_off)]),
+        "images": normalize_images(np.concatenate([p["images"] for p in parts])),
+        "view_offset": np.cumsum(num_views),
+        "link_point": np.concatenate([p["link_point"] + s for p, s in zip(parts, point_start)]).astype(np.int64),
+        "link_view": np.concatenate([p["link_view"] + s for p, s in zip(parts, view_start)]).astype(np.int64),
+        "link_pixel": np.concatenate([p["link_pixel"] for p in parts]).astype(np.int64),
+        "view_region": np.concatenate([_shift_ids(p["view_region"], o)
+                                       for p, o in zip(parts, view_region_off)]),
+        "scene_id": [str(p["scene_id"]) for p in parts],
+    }
+
+
+_SHARED = ("scene_id", "tags", "view_tags", "region", "view_region", "link_point", "link_view", "link_pixel")
+
+
+def collate(samples: list[dict]) -> dict:
+    """Batch per-scene samples (make_sample outputs, in order) following the BATCH CONTRACT."""
+    if not samples:
+        raise PipelineError("collate: no samples")
+    train = "teacher_coord" in samples[0]
+    if not train:
+        batch = _stack(samples)
+        if "label" in samples[0]:
+            batch["label"] = np.concatenate([s["label"] for s in samples]).astype(np.int64)
+            batch["view_label"] = np.concatenate([s["view_label"] for s in samples]).astype(np.int64)
+        return batch
+    teacher = [{**{k: s[k] for k in _SHARED}, **{k: s["teacher_" + k] for k in SIDE_KEYS}} for s in samples]
+    student = [{**{k: s[k] for k in _SHARED}, **{k: s[k] for k in SIDE_KEYS}, "mix_offset": s["mix_offset"]}
+               for s in samples]
+    if bool(samples[0]["mix3d"]):
+        pairs = [student[i:i + 2] for i in range(0, len(student), 2)]
+        student = [mix3d(*p) if len(p) == 2 else p[0] for p in pairs]
+    batch = _stack(student)
+    batch.update({"teacher_" + k: v for k, v in _stack(teacher).items()})
+    return batch
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset: columns, order, checks (before anything heavy starts)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetPlan:
+    """What one pass reads: the shards in epoch order, the columns, the class names."""
+
+    root: Path
+    split: str
+    mode: str
+    paths: list[Path]
+    scene_ids: list[str]
+    columns: list[str]
+    class_names: tuple[str, ...]
+
+
+def plan(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0, seed: int | None = None) -> DatasetPlan:
+    """Check the dataset can feed this mode and list what to read, in epoch order.
+
+    Train: a seeded shuffle of the split per (seed, epoch); eval/infer: scene-id order. Only the
+    needed columns are read; ground-truth columns only in eval mode. Missing dataset, empty split
+    or missing region column -> an error naming the column, the dataset root and what exists."""
+    _check_mode(mode)
+    root = Path(root)
+    seed = cfg.seed if seed is None else seed
+    manifest = shards.load_manifest(root)
+    entries = sorted((e for e in manifest["scenes"] if e["split"] == split), key=lambda e: e["scene_id"])
+    if not entries:
+        raise PipelineError(f"{root}: no scenes in split {split!r} (manifest has {manifest.get('splits')})")
+    paths = [root / e["path"] for e in entries]
+    available = shards.shard_columns(paths[0])
+    region_key, view_region_key = region_keys(cfg)
+    if region_key:
+        lacking = [e["scene_id"] for e in entries if cfg.data.region_column not in e.get("regions", [])]
+        if region_key not in available or lacking:
+            raise PipelineError(
+                f"{root}: region column {region_key!r} (data.region_column = {cfg.data.region_column!r}) is "
+                f"missing from {len(lacking) or 'the'} scene(s) of split {split!r}"
+                f"{' e.g. ' + ', '.join(lacking[:3]) if lacking else ''}; the dataset has columns {available} "
+                f"(run `rayseg partition` or set data.region_column)")
+    wanted = ["scene_id", "split", "coord", "color", "normal", "tags"]
+    if cfg.data.num_views:
+        wanted += list(VIEW_COLUMNS) + ([view_region_key] if view_region_key else [])
+    if region_key:
+        wanted.append(region_key)
+    if mode == "eval":
+        wanted += ["label"] + (["view_label"] if cfg.data.num_views else [])
+    optional = {"normal", "view_label"}
+    missing = [c for c in wanted if c not in available and c not in optional]
+    if missing:
+        raise PipelineError(f"{root}: column(s) {missing} needed for mode {mode!r} are missing "
+                            f"(shard {paths[0].name} has {available})")
+    columns = [c for c in wanted if c in available]
+    columns = columns if mode == "eval" else shards.without_gt(columns)
+    order = np.arange(len(entries))
+    if mode == "train":
+        order = np.random.default_rng([seed, epoch]).permutation(len(entries))
+    return DatasetPlan(root=root, split=split, mode=mode, paths=[paths[i] for i in order],
+                       scene_ids=[entries[i]["scene_id"] for i in order], columns=columns,
+                       class_names=tuple(manifest.get("class_names", ())))
+
+
+def _batches(samples: Iterable[dict], batch_size: int) -> Iterator[dict]:
+    if batch_size <= 0:
+        raise PipelineError(f"batch_size must be > 0, got {batch_size}")
+    buf: list[dict] = []
+    for s in samples:
+        buf.append(s)
+        if len(buf) == batch_size:
+            yield collate(buf)
+            buf = []
+    if buf:
+        yield collate(buf)
+
+
+def iter_samples(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0,
+                 seed: int | None = None) -> Iterator[dict]:
+    """Per-scene samples of one pass, in epoch order, computed in this process."""
+    p = plan(root, split, cfg, mode, epoch, seed)
+    seed = cfg.seed if seed is None else seed
+    for path in p.paths:
+        scene = shards.read_scene(path, p.columns)
+        yield make_sample(scene, cfg, scene_rng(seed, epoch, scene["scene_id"]), mode, p.class_names)
+
+
+def iter_batches(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0, seed: int | None = None,
+                 batch_size: int | None = None) -> Iterator[dict]:
+    """Batches of one pass in a plain Python loop (batch_size defaults to optim.batch_size)."""
+    yield from _batches(iter_samples(root, split, cfg, mode, epoch, seed), batch_size or cfg.optim.batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Data
+# --------------------------------------------------------------------------------------------
+
+
+def _decode_row(row: dict, columns: list[str]) -> dict:
+    return shards.row_to_scene(row, columns)
+
+
+def _sample_row(scene: dict, cfg: Config, mode: str, epoch: int, seed: int, class_names: tuple[str, ...]) -> dict:
+    return make_sample(scene, cfg, scene_rng(seed, epoch, scene["scene_id"]), mode, class_names)
+
+
+def configure_ray_data(cfg: Config) -> None:
+    """ENVIRONMENT.md settings: scene-sized blocks, few Parquet footer actors, ordered output
+    (so batches are the same as the plain loop's)."""
+    import ray.data
+
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = cfg.ray.data_block_mb * 1024 * 1024
+    ctx.execution_options.preserve_order = True
+
+
+def ray_dataset(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0, seed: int | None = None):
+    """The per-scene part of the pipeline as a lazy ray.data.Dataset of samples, in epoch order:
+    read_parquet (needed columns only, one row per shard) -> map(decode) -> map(make_sample).
+    Batch it with iter_batches_ray. Checks the dataset (plan) before Ray does any work."""
+    import ray.data
+
+    p = plan(root, split, cfg, mode, epoch, seed)
+    seed = cfg.seed if seed is None else seed
+    configure_ray_data(cfg)
+    read_columns = p.columns + [c for c in ROW_COLUMNS if c in shards.shard_columns(p.paths[0])]
+    ds = ray.data.read_parquet([str(x) for x in p.paths], columns=read_columns)
+    ds = ds.map(functools.partial(_decode_row, columns=p.columns))
+    return ds.map(functools.partial(_sample_row, cfg=cfg, mode=mode, epoch=epoch, seed=seed,
+                                    class_names=p.class_names))
+
+
+def _from_ray_row(row: Any) -> dict:
+    """A Ray Data row back to a plain sample dict (numpy arrays, str, bool)."""
+    out = {}
+    for k, v in dict(row).items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def iter_batches_ray(data: Any, batch_size: int) -> Iterator[dict]:
+    """Collated batches (the BATCH CONTRACT) from a ray_dataset(...) Dataset or a Ray Train
+    dataset shard (anything with iter_rows), grouping consecutive samples."""
+    yield from _batches((_from_ray_row(r) for r in data.iter_rows()), batch_size)
