@@ -86,21 +86,18 @@ class Tracker:
         if self.enabled:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_confusion(self, confusion, class_names, prefix: str, step: int) -> dict[str, float]:
-        """Per-class IoU + mIoU metrics, CSV, and PNG plots of a ConfusionMatrix."""
+    def log_confusion(self, conf, class_names, prefix: str, step: int) -> dict[str, float]:
+        """Per-class IoU + mIoU metrics, a CSV and PNG plots of a confusion matrix (counts)."""
         from rayseg import metrics as M
 
-        values = {f"{prefix}_miou": confusion.miou(), f"{prefix}_acc": confusion.accuracy()}
-        for name, iou in zip(class_names, confusion.iou()):
-            if iou == iou:  # skip NaN (class absent from both prediction and truth)
-                values[f"{prefix}_iou/{name.replace(' ', '_')}"] = float(iou)
+        values = M.metrics_dict(conf, class_names, prefix=f"{prefix}_")
         self.log_metrics(values, step)
         if self.enabled:
             with tempfile.TemporaryDirectory() as tmp:
                 tmp = Path(tmp)
-                (tmp / f"{prefix}_iou.csv").write_text(M.iou_csv(confusion, class_names))
-                M.plot_confusion(confusion, class_names, tmp / f"{prefix}_confusion.png")
-                M.plot_iou(confusion, class_names, tmp / f"{prefix}_iou.png")
+                M.write_iou_csv(conf, class_names, tmp / f"{prefix}_iou.csv")
+                M.plot_confusion(conf, class_names, tmp / f"{prefix}_confusion.png", title=f"{prefix} confusion")
+                M.plot_iou_bars(conf, class_names, tmp / f"{prefix}_iou.png", title=f"{prefix} per-class IoU")
                 for f in sorted(tmp.iterdir()):
                     self.log_file(f, prefix)
         return values
