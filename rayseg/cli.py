@@ -59,6 +59,61 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 2
 
 
+def _wh(text: str) -> tuple[int, int]:
+    from rayseg.data.scannet import parse_image_size
+
+    try:
+        return parse_image_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_prepare_scannet(args: argparse.Namespace) -> int:
+    from rayseg.data import scannet
+
+    try:
+        opts = scannet.ScanNetOptions(frame_skip=args.frame_skip, image_width=args.image_size[0],
+                                      image_height=args.image_size[1],
+                                      axis_align=not args.raw_coordinates)
+        summary = scannet.prepare_scannet(args.raw, args.splits, args.out, opts,
+                                          max_scenes_per_split=args.scenes)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"prepare scannet: {exc}", file=sys.stderr)
+        return 2
+    print(summary.format())
+    return 0 if summary.ok else 1
+
+
+def cmd_prepare_s3dis(args: argparse.Namespace) -> int:
+    from rayseg.data import s3dis
+
+    try:
+        opts = s3dis.S3DISOptions(val_area=args.val_area, image_width=args.image_size[0],
+                                  image_height=args.image_size[1], frame_skip=args.frame_skip,
+                                  max_views=args.max_views, room_frame=args.room_frame)
+        summary = s3dis.prepare_s3dis(args.raw, args.images, args.out, opts,
+                                      angles_root=args.angles, max_rooms_per_area=args.rooms)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"prepare s3dis: {exc}", file=sys.stderr)
+        return 2
+    print(summary.format())
+    return 0 if summary.ok else 1
+
+
+def cmd_check_links(args: argparse.Namespace) -> int:
+    from rayseg.data import checklinks, shards
+
+    try:
+        opts = checklinks.CheckLinksOptions(num_scenes=args.scenes, tol=args.tol,
+                                            max_views=args.views)
+        report = checklinks.check_links(args.root, opts, split=args.split)
+    except (FileNotFoundError, ValueError, shards.ShardError) as exc:
+        print(f"check-links: {exc}", file=sys.stderr)
+        return 2
+    print(checklinks.format_report(report, opts))
+    return 0 if report["aligned"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayseg", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +145,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-read every file: checksums, Parquet, schema, scene contract")
     p.add_argument("--all", action="store_true", help="list every scene (default: the first 20)")
     p.set_defaults(func=cmd_inspect)
+
+    # prepare scannet / prepare s3dis / check-links (rayseg.data.scannet, .s3dis, .checklinks)
+    ps = prepare_sub.add_parser("scannet", help="ScanNet v2 scans (+ .sens or exported frames)")
+    ps.add_argument("--raw", required=True, nargs="+", metavar="DIR",
+                    help="folder(s) holding <scene>/ directories, e.g. scans scans_test")
+    ps.add_argument("--splits", required=True, metavar="DIR",
+                    help="folder with scannetv2_train.txt / _val.txt / _test.txt")
+    ps.add_argument("--out", required=True, help="output dataset folder")
+    ps.add_argument("--frame-skip", type=int, default=20, help="keep every k-th frame (default 20)")
+    ps.add_argument("--image-size", type=_wh, default=(320, 240), metavar="WxH",
+                    help="view size (default 320x240)")
+    ps.add_argument("--raw-coordinates", action="store_true",
+                    help="keep raw scan coordinates (default: apply axisAlignment to points and poses)")
+    ps.add_argument("--scenes", type=int, default=0, metavar="N",
+                    help="at most N scenes per split (default all)")
+    ps.set_defaults(func=cmd_prepare_scannet)
+    ps = prepare_sub.add_parser("s3dis", help="S3DIS rooms + 2D-3D-S views")
+    ps.add_argument("--raw", required=True, metavar="DIR",
+                    help="Stanford3dDataset_v1.2 (recommended) or ..._Aligned_Version folder")
+    ps.add_argument("--images", default=None, metavar="DIR",
+                    help="2D-3D-S folder with area_N/data/{rgb,depth,pose} (omit: 3D only)")
+    ps.add_argument("--out", required=True, help="output dataset folder")
+    ps.add_argument("--angles", default=None, metavar="DIR",
+                    help="folder with Area_N/Area_N_alignmentAngle.txt for an Aligned_Version copy "
+                         "(default: read from --raw, else estimated from the views' depth)")
+    ps.add_argument("--val-area", type=int, default=5, help="area used as val (default 5)")
+    ps.add_argument("--image-size", type=_wh, default=(256, 256), metavar="WxH",
+                    help="view size (default 256x256)")
+    ps.add_argument("--frame-skip", type=int, default=1, help="keep every k-th view of a room")
+    ps.add_argument("--max-views", type=int, default=0, help="at most N views per room (0 = all)")
+    ps.add_argument("--room-frame", choices=["aligned", "global"], default="aligned",
+                    help="rooms rotated to their canonical frame (default) or 2D-3D-S area frame")
+    ps.add_argument("--rooms", type=int, default=0, metavar="N",
+                    help="at most N rooms per area (default all)")
+    ps.set_defaults(func=cmd_prepare_s3dis)
+    p = sub.add_parser("check-links", help="are a prepared dataset's views aligned with its points?")
+    p.add_argument("root", help="prepared dataset folder")
+    p.add_argument("--scenes", type=int, default=5, help="scenes to check (default 5)")
+    p.add_argument("--views", type=int, default=8, help="views per scene (default 8)")
+    p.add_argument("--tol", type=float, default=0.05, help="link depth tolerance, m (default 0.05)")
+    p.add_argument("--split", default=None, help="only scenes of this split")
+    p.set_defaults(func=cmd_check_links)
 
     # Subcommands of the other modules register here (one block each).
     return parser
