@@ -8,7 +8,26 @@ Batch conventions (shared with ``rayseg.data.pipeline``):
 - ``tags`` (B, C) float multi-hot scene tags (the only supervision);
 - ``region`` int64 (N,) region ids, globally unique over the batch, ``NO_REGION`` (-1) = none;
 - 2D logits are (V, C, H, W) for all V views of the batch, ``view_offset`` (B,) cumulative view
-  counts. 2D losses work on pixels as rows: see ``flatten_pixels`` / ``pixel_offset``.
+  counts. 2D losses work on pixels as rows: see ``flatten_pixels`` / ``pixel_offset``;
+- links: ``link_point`` (K,) batch point, ``link_view`` (K,) batch view, ``link_pixel`` (K,) flat
+  pixel y * W + x at H x W.
+
+One training step wires them like this (3D rows = points; voxel outputs are read through
+``inverse``; the 2D branch uses ``view_tags``):
+
+    lcls3 = multilabel_cls_loss(logits3_vox, offset, tags)
+    lcls2 = multilabel_cls_loss_2d(logits2, view_offset, view_tags)
+    sel, pair_offset = sample_link_pairs(link_point, link_view, point_offset, max_pairs,
+                                         min_links_per_view, generator)
+    vox = inverse[link_point[sel]]
+    f2 = gather_pixels(feat2, link_view[sel], link_pixel[sel], (H, W))
+    lcon3 = guidance_loss("contrastive", pair_offset, query=proj3d(feat3_vox[vox]), target=f2)
+    lcon2 = guidance_loss("contrastive", pair_offset, query=proj2d(f2), target=feat3_vox[vox])
+    label, mask = rpc_targets(t_logits3_vox[t_inverse], gather_tags(t_tags, t_point_offset),
+                              region, state3.thresholds(), mode)
+    state3.update(metrics.all_reduce_sum(accepted_counts(label, mask, C)))
+    lrpc3 = rpc_loss(logits3_vox[inverse], label, mask)
+    total, log = total_loss({...}, cfg.loss, stage, step)
 
 Nothing here reads ground truth: pseudo-labels come from the teacher's logits and scene tags only.
 """
@@ -83,14 +102,21 @@ def pixel_offset(view_offset: torch.Tensor, height: int, width: int) -> torch.Te
     return view_offset.long() * (height * width)
 
 
-def gather_pixels(feature_map: torch.Tensor, view: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+def gather_pixels(feature_map: torch.Tensor, view: torch.Tensor, pixel: torch.Tensor,
                   image_hw: tuple[int, int]) -> torch.Tensor:
-    """Rows of a (V, D, h, w) map at image pixels (view, row, col) given in image coordinates
-    (H, W) = image_hw; a coarser map (e.g. stride 8 features) is sampled at the covering cell."""
+    """Rows (K, D) of a (V, D, h, w) map at links (view, flat pixel y * W + x at the image size
+    (H, W) = image_hw), as the batch's link_view / link_pixel give them. A coarser map (e.g.
+    stride-8 features) is read at the cell covering the pixel; a full-size map (e.g. upsampled
+    logits) at the pixel itself."""
     height, width = image_hw
     h, w = feature_map.shape[2:]
-    r = torch.div(row.long() * h, height, rounding_mode="floor").clamp_(0, h - 1)
-    c = torch.div(col.long() * w, width, rounding_mode="floor").clamp_(0, w - 1)
+    pixel = pixel.long()
+    if len(pixel) and (pixel.min() < 0 or pixel.max() >= height * width):
+        raise ValueError(f"link pixels must lie in 0..{height * width - 1} for images of {height} x {width}")
+    y = torch.div(pixel, width, rounding_mode="floor")
+    x = pixel - y * width
+    r = torch.div(y * h, height, rounding_mode="floor")
+    c = torch.div(x * w, width, rounding_mode="floor")
     return feature_map[view.long(), :, r, c]
 
 
@@ -221,7 +247,10 @@ def rpc_targets(teacher_logits: torch.Tensor, row_tags: torch.Tensor, region: to
                 thresholds: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher side of RPC (Eq. 2-3, 5-7): pseudo-labels (N,) int64 and the keep mask (N,) bool.
 
-    teacher_logits (N, C) per row (already mapped from voxels to the rows), row_tags (N, C),
+    teacher_logits (N, C) per row (already mapped from voxels to the rows), row_tags (N, C) the
+    rows' tags on the TEACHER side (3D: gather_tags(teacher_tags, teacher_point_offset); 2D:
+    gather_tags(teacher_view_tags, pixel_offset(teacher_view_offset, H, W))): under Mix3D the
+    teacher sees the two scenes separately, so these are each original scene's tags,
     region (N,) ids (-1 = none; ignored in 'point' mode), thresholds (C,) from ThresholdState.
     mode 'region': masked-softmax probabilities are mean-pooled within regions before the argmax
     and the threshold test; 'point': no pooling. A row is kept iff its (pooled) probability of

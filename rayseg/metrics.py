@@ -29,7 +29,8 @@ from rayseg.data.scene import IGNORE_LABEL
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` in place over all ranks when torch.distributed is initialised (no-op
-    otherwise) and return it. Used for confusion matrices and RPC threshold counts."""
+    otherwise) and return it. Used for confusion matrices and RPC threshold counts. The tensor
+    must live where the backend works: any device for gloo, CUDA for NCCL."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor

@@ -318,9 +318,15 @@ def test_sample_link_pairs():
 
 def test_gather_pixels_from_coarse_map():
     fmap = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).reshape(2, 1, 2, 3)  # V=2, D=1, h=2, w=3
-    # image 8 x 12: pixel (5, 11) of view 1 lies in cell (1, 2) -> value 6 + 1*3 + 2 = 11
-    got = losses.gather_pixels(fmap, torch.tensor([1, 0]), torch.tensor([5, 0]), torch.tensor([11, 4]), (8, 12))
+    # image 8 x 12: pixel (y 5, x 11) of view 1 lies in cell (1, 2) -> value 6 + 1*3 + 2 = 11;
+    # pixel (0, 4) of view 0 in cell (0, 1) -> 1
+    pixel = torch.tensor([5 * 12 + 11, 0 * 12 + 4])
+    got = losses.gather_pixels(fmap, torch.tensor([1, 0]), pixel, (8, 12))
     assert got[:, 0].tolist() == [11.0, 1.0]
+    full = torch.arange(2 * 8 * 12, dtype=torch.float32).reshape(2, 1, 8, 12)  # full size: the pixel itself
+    assert losses.gather_pixels(full, torch.tensor([1]), pixel[:1], (8, 12))[:, 0].tolist() == [96.0 + 71]
+    with pytest.raises(ValueError, match="0..95"):
+        losses.gather_pixels(fmap, torch.tensor([0]), torch.tensor([96]), (8, 12))
 
 
 # ------------------------------------------------------------------------- warm-up and Eq. 9
@@ -367,3 +373,30 @@ def test_scene_pseudo_labels():
     # region {0, 1}: mean of softmax(3,0) and softmax(0,1) favours class 0
     region = torch.tensor([7, 7, -1, -1])
     assert losses.scene_pseudo_labels(logits, tags, region).tolist() == [0, 0, 1, 0]
+
+
+@pytest.mark.gpu
+def test_losses_on_cuda_match_cpu():
+    gen = torch.Generator().manual_seed(5)
+    logits, teacher = torch.randn(40, 4, generator=gen), torch.randn(40, 4, generator=gen)
+    offset, tags = torch.tensor([15, 40]), torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]])
+    region = torch.randint(-1, 6, (40,), generator=gen)
+    link_point, link_view = torch.arange(40).repeat(2), torch.tensor([0] * 40 + [1] * 40)
+    state = losses.ThresholdState(4, 0.8, adaptive=True)
+    state.update(torch.tensor([5, 3, 0, 1]))
+
+    def run(device):
+        d = {k: v.to(device) for k, v in dict(logits=logits, teacher=teacher, offset=offset, tags=tags,
+                                                region=region, lp=link_point, lv=link_view).items()}
+        row_tags = losses.gather_tags(d["tags"], d["offset"])
+        label, mask = losses.rpc_targets(d["teacher"], row_tags, d["region"], state.thresholds(), "region")
+        sel, pair_offset = losses.sample_link_pairs(d["lp"], d["lv"], d["offset"], 8, 4, torch.Generator().manual_seed(1))
+        q = d["logits"][d["lp"][sel]]
+        return [losses.multilabel_cls_loss(d["logits"], d["offset"], d["tags"]).item(),
+                losses.rpc_loss(d["logits"], label, mask).item(),
+                losses.guidance_loss("contrastive", pair_offset, query=q, target=q.flip(0)).item(),
+                losses.accepted_counts(label, mask, 4).tolist(), sel.tolist()]
+
+    cpu, cuda = run("cpu"), run("cuda")
+    assert cuda[3:] == cpu[3:]
+    assert cuda[:3] == pytest.approx(cpu[:3], rel=1e-5)
