@@ -554,6 +554,8 @@ def refresh_manifest_entry(root: str | Path, path: str | Path) -> dict:
     path = path if path.is_absolute() or path.exists() else root / path
     with _manifest_lock(root):
         manifest = load_manifest(root)
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise ShardError(f"{path} is not a shard of the dataset {root}")
         rel = path.resolve().relative_to(root.resolve()).as_posix()
         entry = _file_entry(root.resolve(), path.resolve(), None)
         manifest["scenes"] = [e for e in manifest["scenes"] if e["path"] != rel] + [entry]
