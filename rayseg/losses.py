@@ -472,8 +472,11 @@ def total_loss(terms: dict[str, torch.Tensor], cfg: LossConfig, stage: str, step
     missing = [t for t in active if t not in terms]
     if missing:
         raise ValueError(f"stage {stage!r}: loss terms {missing} are switched on but were not computed")
+    if not active:
+        raise ValueError(f"stage {stage!r}: every loss term is switched off (loss.cls_3d, loss.cls_2d, "
+                         f"loss.guidance.loss_3d/loss_2d, loss.rpc.enabled_3d/enabled_2d)")
     weights = term_weights(cfg, step)
-    total = sum(weights[t] * terms[t] for t in active) if active else torch.zeros(())
+    total = sum(weights[t] * terms[t] for t in active)
     log = {"loss": float(total.detach())}
     for name, value in terms.items():
         log[f"loss/{name}"] = float(value.detach())

@@ -361,6 +361,9 @@ def test_total_loss_eq9():
     assert total.item() == pytest.approx(1 + 0.05 * 4 + 5)
     with pytest.raises(ValueError, match="unknown stage"):
         losses.active_terms(cfg, "stage1")
+    nothing = LossConfig(cls_3d=False, guidance=GuidanceConfig(loss_3d="none", loss_2d="none"))
+    with pytest.raises(ValueError, match="every loss term is switched off"):
+        losses.total_loss({}, nothing, "cmg", step=0, has_2d=False)
 
 
 # ------------------------------------------------------------------------------ pseudo-labels
