@@ -430,6 +430,9 @@ def iter_batches(root: str | Path, split: str, cfg: Config, mode: str, epoch: in
 
 
 def _decode_row(row: dict, columns: list[str]) -> dict:
+    unexpected = [k for k in row if k in shards.GT_COLUMNS and k not in columns]
+    if unexpected:  # a guard on the column projection: training must never receive ground truth
+        raise PipelineError(f"scene {row.get('scene_id')}: ground-truth column(s) {unexpected} were read")
     return shards.row_to_scene(row, columns)
 
 
@@ -458,7 +461,7 @@ def ray_dataset(root: str | Path, split: str, cfg: Config, mode: str, epoch: int
     seed = cfg.seed if seed is None else seed
     configure_ray_data(cfg)
     read_columns = p.columns + [c for c in ROW_COLUMNS if c in shards.shard_columns(p.paths[0])]
-    ds = ray.data.read_parquet([str(x) for x in p.paths], columns=read_columns)
+    ds = ray.data.read_parquet([str(x) for x in p.paths]).select_columns(read_columns)  # pushed into the read
     ds = ds.map(functools.partial(_decode_row, columns=p.columns))
     return ds.map(functools.partial(_sample_row, cfg=cfg, mode=mode, epoch=epoch, seed=seed,
                                     class_names=p.class_names))
