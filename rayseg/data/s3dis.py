@@ -46,8 +46,8 @@ room-aligned frame by default (walls along the axes, as the floor/wall removal a
 assumes) or in the area frame (``room_frame="global"``). Where the angle comes from:
 ``Area_N_alignmentAngle.txt`` under ``--raw`` or ``--angles``; otherwise (an Aligned_Version copy
 without angle files) it is estimated per room by trying 0/90/180/270 deg and keeping the one whose
-projected points agree best with the views' depth (stored as ``room_angle_source`` = 2 with the
-four scores). Every record stores ``room_transform`` (area frame -> stored frame, 4x4) and
+projected points agree best with the views in depth AND colour (depth alone cannot tell a
+symmetric room from its 180 deg turn); stored as ``room_angle_source`` = 2 with the four scores. Every record stores ``room_transform`` (area frame -> stored frame, 4x4) and
 ``room_angle``.
 
 Normals: S3DIS has none; they are estimated by PCA over the k nearest neighbours (k = 16) and
@@ -316,28 +316,33 @@ def read_view(vf: ViewFiles) -> dict:
     return {"rgb": rgb, "depth": depth, "rt": rt, "K": K}
 
 
-def _link_fraction(coord: np.ndarray, views: list[dict], tol: float) -> float:
-    """Fraction of in-frustum point projections whose depth agrees within tol (alignment score)."""
-    linked = frustum = 0
+def _agreement(coord: np.ndarray, color: np.ndarray, views: list[dict], tol: float,
+               max_color_diff: float = 40.0) -> float:
+    """Alignment score: the fraction of in-frustum point projections (valid depth) whose depth
+    agrees within tol AND whose colour is close to the pixel's. Colour breaks the ties of
+    symmetric rooms that depth alone cannot (a box room rotated by 180 deg fits its walls)."""
+    agree = frustum = 0
     for v in views:
-        idx, _ = link_points(coord, v["depth"], v["pose"], v["K"], tol)
-        linked += len(idx)
+        idx, pix = link_points(coord, v["depth"], v["pose"], v["K"], tol)
+        diff = np.abs(color[idx].astype(np.int32) - v["rgb"].reshape(-1, 3)[pix].astype(np.int32)).mean(axis=1)
+        agree += int((diff <= max_color_diff).sum())
         frustum += len(link_points(coord, v["depth"], v["pose"], v["K"], np.inf)[0])
-    return linked / frustum if frustum else 0.0
+    return agree / frustum if frustum else 0.0
 
 
-def estimate_room_angle(coord_room: np.ndarray, centre: np.ndarray, views_area: list[dict],
-                        seed: int = 0) -> tuple[float, np.ndarray]:
+def estimate_room_angle(coord_room: np.ndarray, color: np.ndarray, centre: np.ndarray,
+                        views_area: list[dict], seed: int = 0) -> tuple[float, np.ndarray]:
     """For a room given in its aligned frame (angle unknown), the angle in {0, 90, 180, 270}
-    whose area->room transform makes the points agree best with the views' depth; and the scores."""
+    whose area->room transform makes the points agree best with the views (depth and colour);
+    and the four scores."""
     rng = np.random.default_rng(seed)
-    sample = coord_room[rng.choice(len(coord_room), min(len(coord_room), 20000), replace=False)]
+    keep = rng.choice(len(coord_room), min(len(coord_room), 20000), replace=False)
     probe = views_area[:: max(1, len(views_area) // 8)][:8]
     scores = []
     for angle in (0.0, 90.0, 180.0, 270.0):
         to_room = global_to_room(angle, centre)
-        posed = [{"depth": v["depth"], "K": v["K"], "pose": to_room @ v["pose"]} for v in probe]
-        scores.append(_link_fraction(sample, posed, tol=0.1))
+        posed = [{**v, "pose": to_room @ v["pose"]} for v in probe]
+        scores.append(_agreement(coord_room[keep], color[keep], posed, tol=0.1))
     scores = np.array(scores)
     return float(90.0 * np.argmax(scores)), scores
 
@@ -385,8 +390,9 @@ def load_room(task: RoomTask) -> dict:
         if task.points_frame == "global" or not views:
             angle, source = 0.0, "none"
         else:
-            native = [{"depth": v["depth"], "K": v["K_native"], "pose": v["pose_area"]} for v in views]
-            angle, scores = estimate_room_angle(coord, centre, native)
+            native = [{"rgb": v["rgb"], "depth": v["depth"], "K": v["K_native"], "pose": v["pose_area"]}
+                      for v in views]
+            angle, scores = estimate_room_angle(coord, pts["color"], centre, native)
             source = "estimated"
     if task.points_frame == "aligned" and angle % 90 != 0:
         raise ValueError(f"room {task.scene_id}: alignment angle {angle} is not a multiple of 90 deg; "
