@@ -114,8 +114,61 @@ def cmd_check_links(args: argparse.Namespace) -> int:
     return 0 if report["aligned"] else 1
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from rayseg.train import launch
+
+    if args.resume:
+        run_dir = launch.train(launch.load_run(args.resume), resume=args.resume)
+    else:
+        run_dir = launch.train(_load(args).config)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_pseudo_label(args: argparse.Namespace) -> int:
+    from rayseg import metrics as M
+    from rayseg.data import shards
+    from rayseg.pseudo import evaluate_pseudo_labels, make_pseudo_labels
+    from rayseg.train.launch import load_run
+
+    summary = make_pseudo_labels(args.run, args.out, args.split)
+    cfg = load_run(args.run)
+    names = tuple(shards.load_manifest(cfg.data.root)["class_names"])
+    if not args.no_eval:
+        conf = evaluate_pseudo_labels(args.out, cfg.data.root, summary["split"], names)
+        print(M.iou_table(conf, names, title=f"pseudo-labels vs GT, split {summary['split']} (evaluation only)"))
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from rayseg.train import launch
+
+    if args.resume:
+        run_dir = launch.segment(None, None, resume=args.resume)
+    else:
+        if not args.pseudo_labels:
+            raise cfgmod.ConfigError("segment: --pseudo-labels DIR is required (or --resume RUN_DIR)")
+        run_dir = launch.segment(_load(args).config, args.pseudo_labels)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from rayseg.evaluate import evaluate_run
+
+    print(evaluate_run(args.run, args.split, log=not args.no_log)["tables"])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rayseg.demo import run_demo
+
+    run_demo(args.config, args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rayseg", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="rayseg", description="rayseg: scene-level tags -> per-point pseudo-labels -> a 3D segmenter, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="show the fully resolved config of an experiment file")
@@ -187,6 +240,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=0.05, help="link depth tolerance, m (default 0.05)")
     p.add_argument("--split", default=None, help="only scenes of this split")
     p.set_defaults(func=cmd_check_links)
+
+    # train / pseudo-label / segment / evaluate / demo (rayseg.train, rayseg.pseudo, rayseg.evaluate)
+    p = sub.add_parser("train", help="stages cmg -> cmg_rpc (teacher-student) on Ray Train")
+    _add_config_args(p, required=False)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("pseudo-label", help="EMA teacher -> pseudo-label shards (Ray Data, resumable)")
+    p.add_argument("run", help="training run directory")
+    p.add_argument("--out", required=True, help="pseudo-label output folder")
+    p.add_argument("--split", default=None, help="split to label (default data.train_split)")
+    p.add_argument("--no-eval", action="store_true", help="skip the mIoU-vs-GT report")
+    p.set_defaults(func=cmd_pseudo_label)
+    p = sub.add_parser("segment", help="stage seg: a fresh MinkUNet trained on pseudo-labels")
+    _add_config_args(p, required=False)
+    p.add_argument("--pseudo-labels", metavar="DIR", help="output of `rayseg pseudo-label`")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a seg run from its newest checkpoint")
+    p.set_defaults(func=cmd_segment)
+    p = sub.add_parser("evaluate", help="mIoU / per-class IoU of a run on a split")
+    p.add_argument("run", help="run directory (train or seg)")
+    p.add_argument("--split", default=None, help="split (default data.val_split)")
+    p.add_argument("--no-log", action="store_true", help="do not log to the run's MLflow run")
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("demo", help="the whole chain on synthetic data with a local Ray + sqlite MLflow")
+    p.add_argument("--config", default=None, help="demo config (default experiments/synthetic-demo.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_demo)
 
     # Subcommands of the other modules register here (one block each).
     return parser

@@ -1,0 +1,459 @@
+"""The per-worker training function: stages cmg -> cmg_rpc (two branches, EMA teacher, Eq. 9)
+and stage seg (a fresh MinkUNet, cross-entropy on pseudo-labels).
+
+Plain PyTorch in the middle, Ray only at the edges: the worker's rank / world size and
+`ray.train.report` (metrics + checkpoint) come from `ray.train`, which also works in Ray Train's
+local mode (`ScalingConfig(num_workers=0)`: the same function in the driver process), so tests
+run exactly this code without spawning workers.
+
+Distributed data parallelism is explicit: every rank starts from the same seeded weights, sees
+its own slice of the epoch's scenes (equal counts, so every rank takes the same number of
+steps), and gradients are averaged with one all-reduce of a flat buffer after backward. This
+avoids DDP's forward hooks, which the two-branch model (separate 3D / 2D entry points, some
+heads unused in some ablations) would need special-casing for; BN statistics stay per rank,
+as with DDP.
+
+Each epoch a worker builds its own dataset of (its scenes, this epoch's seed): the random
+augmentation of a scene derives from (seed, epoch, scene id), so a resumed run sees exactly the
+data the interrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rayseg import config as cfgmod
+from rayseg import losses as L
+from rayseg import metrics as M
+from rayseg.data import pipeline, shards
+from rayseg.data.scene import IGNORE_LABEL
+from rayseg.teacher import ema_update, make_teacher
+
+CHECKPOINT_FILE = "state.pt"
+STAGES = ("cmg", "cmg_rpc", "seg")
+
+# Batch keys that stay numpy / python (never tensors).
+_NON_TENSOR = {"scene_id"}
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces
+# --------------------------------------------------------------------------------------------
+
+
+def stage_config(cfg: cfgmod.Config, stage: str) -> cfgmod.Config:
+    """The data settings a stage trains with: stage seg is 3D-only at its own voxel size."""
+    if stage != "seg":
+        return cfg
+    return cfgmod.replace(cfg, **{"data.num_views": 0, "data.voxel_size": cfg.optim.seg_voxel_size,
+                                  "augment.mix3d": False})
+
+
+def stage_schedule(cfg: cfgmod.Config, stage: str) -> tuple[int, float]:
+    """(epochs, base learning rate) of a stage."""
+    o = cfg.optim
+    return {"cmg": (o.cmg_epochs, o.cmg_lr), "cmg_rpc": (o.cmg_rpc_epochs, o.cmg_rpc_lr),
+            "seg": (o.seg_epochs, o.seg_lr)}[stage]
+
+
+def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
+    return base_lr * max(0.0, 1.0 - step / max(total_steps, 1)) ** power
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if k in _NON_TENSOR or not isinstance(v, np.ndarray):
+            out[k] = v
+        else:
+            out[k] = torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True)
+    return out
+
+
+def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Mean of the gradients over ranks in one all-reduce (a missing grad counts as zero so
+    every rank contributes the same buffer layout)."""
+    if world_size <= 1:
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    i = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[i:i + n].view_as(g))
+        i += n
+
+
+def rank_paths(paths: list[Path], rank: int, world: int, drop_last: bool) -> list[Path]:
+    """This rank's slice of an epoch's scene list (equal length on every rank when drop_last)."""
+    n = len(paths) - (len(paths) % world if drop_last else 0)
+    return paths[rank:n:world]
+
+
+def iter_rank_batches(cfg: cfgmod.Config, split: str, mode: str, epoch: int, rank: int, world: int,
+                      batch_size: int, limit: int | None = None) -> Iterator[dict]:
+    """Collated batches of this rank's scenes for one pass (Ray Data or the local loop)."""
+    p = pipeline.plan(cfg.data.root, split, cfg, mode, epoch, cfg.seed)
+    paths = p.paths if limit is None else p.paths[:limit]
+    mine = rank_paths(paths, rank, world, drop_last=(mode == "train"))
+    if not mine:
+        return
+    sub = pipeline.DatasetPlan(**{**p.__dict__, "paths": mine,
+                                  "scene_ids": [x.stem for x in mine]})
+    if cfg.data.loader == "ray":
+        yield from pipeline.iter_batches_ray(pipeline.ray_dataset_from_plan(sub, cfg, epoch, cfg.seed), batch_size)
+    else:
+        yield from pipeline.iter_batches_from_plan(sub, cfg, epoch, cfg.seed, batch_size)
+
+
+def pixel_rows(logits_2d: torch.Tensor) -> torch.Tensor:
+    """(V, C, H, W) -> (V*H*W, C) rows in view-major, then y, then x order (= link_pixel order)."""
+    v, c, h, w = logits_2d.shape
+    return logits_2d.permute(0, 2, 3, 1).reshape(v * h * w, c)
+
+
+def pixel_tags(view_tags: torch.Tensor, view_offset: torch.Tensor, hw: int) -> torch.Tensor:
+    """Per-scene tags (B, C) -> per-pixel tags (V*H*W, C)."""
+    per_view = L.gather_tags(view_tags, view_offset)
+    return per_view.repeat_interleave(hw, dim=0)
+
+
+# --------------------------------------------------------------------------------------------
+# One step of stages cmg / cmg_rpc
+# --------------------------------------------------------------------------------------------
+
+
+def two_branch_step(model, teacher, b: dict, cfg: cfgmod.Config, stage: str, stage_step: int,
+                    thresholds: dict[str, L.ThresholdState], generator: torch.Generator,
+                    ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+    """Eq. 9 on one batch. Returns (loss, floats to log, accepted counts per RPC side)."""
+    lc = cfg.loss
+    has_2d = cfg.data.num_views > 0 and "images" in b and b["images"].shape[0] > 0
+    active = L.active_terms(lc, stage, has_2d)
+    terms: dict[str, torch.Tensor] = {}
+    accepted: dict[str, torch.Tensor] = {}
+
+    out3 = model.forward_3d(b["coord"], b["feat"])
+    point_logits = out3["logits"][b["inverse"]]
+    point_feat = out3["feat"][b["inverse"]]
+    if "cls_3d" in active:
+        terms["cls_3d"] = L.multilabel_cls_loss(out3["logits"], b["offset"], b["tags"])
+
+    # The 2D branch is never mixed: group views by the real scenes (the teacher side's offsets).
+    if has_2d:
+        out2 = model.forward_2d(b["images"])
+        height, width = b["images"].shape[-2:]
+        if "cls_2d" in active:
+            terms["cls_2d"] = L.multilabel_cls_loss_2d(out2["logits"], b["teacher_view_offset"], b["teacher_view_tags"])
+        if "con_3d" in active or "con_2d" in active:
+            sel, pair_offset = L.sample_link_pairs(b["link_point"], b["link_view"], b["teacher_point_offset"],
+                                                   lc.guidance.max_pairs, lc.guidance.min_links_per_view, generator)
+            lp, lv, lpx = b["link_point"][sel], b["link_view"][sel], b["link_pixel"][sel]
+            f3 = point_feat[lp]
+            f2 = model.sample_2d(out2["feat"], lv, lpx, (height, width))
+            logit3 = point_logits[lp]
+            logit2 = pixel_rows(out2["logits"])[lv * height * width + lpx]
+            pair_tags = L.gather_tags(b["teacher_tags"], b["teacher_point_offset"])[lp]
+            for term, variant, mine_feat, other_feat, project, mine_logit, other_logit in (
+                    ("con_3d", lc.guidance.loss_3d, f3, f2, model.project_3d, logit3, logit2),
+                    ("con_2d", lc.guidance.loss_2d, f2, f3, model.project_2d, logit2, logit3)):
+                if term not in active:
+                    continue
+                if variant in ("contrastive", "mse"):
+                    terms[term] = L.guidance_loss(variant, pair_offset, query=project(mine_feat), target=other_feat,
+                                                  temperature=lc.guidance.temperature)
+                elif variant == "affinity":
+                    terms[term] = L.guidance_loss(variant, pair_offset, query=mine_feat, target=other_feat)
+                else:
+                    terms[term] = L.guidance_loss(variant, pair_offset, logits=mine_logit,
+                                                  target_logits=other_logit, pair_tags=pair_tags)
+
+    if "rpc_3d" in active or "rpc_2d" in active:
+        with torch.no_grad():
+            t3 = teacher.forward_3d(b["teacher_coord"], b["teacher_feat"])
+        if "rpc_3d" in active:
+            row_tags = L.gather_tags(b["teacher_tags"], b["teacher_point_offset"])
+            label, mask = L.rpc_targets(t3["logits"][b["teacher_inverse"]], row_tags, b["teacher_region"],
+                                        thresholds["3d"].thresholds(), lc.rpc.mode)
+            terms["rpc_3d"] = L.rpc_loss(point_logits, label, mask)
+            accepted["3d"] = L.accepted_counts(label, mask, point_logits.shape[1])
+        if "rpc_2d" in active:
+            with torch.no_grad():
+                t2 = teacher.forward_2d(b["teacher_images"])
+            hw = height * width
+            row_tags = pixel_tags(b["teacher_view_tags"], b["teacher_view_offset"], hw)
+            label, mask = L.rpc_targets(pixel_rows(t2["logits"]), row_tags, b["teacher_view_region"].reshape(-1),
+                                        thresholds["2d"].thresholds(), lc.rpc.mode)
+            terms["rpc_2d"] = L.rpc_loss(pixel_rows(out2["logits"]), label, mask)
+            accepted["2d"] = L.accepted_counts(label, mask, point_logits.shape[1])
+
+    loss, log = L.total_loss(terms, lc, stage, stage_step, has_2d)
+    for side, counts in accepted.items():
+        log[f"rpc_{side}_kept"] = float(counts.sum()) / max(1, (point_logits.shape[0] if side == "3d"
+                                                              else b["images"].shape[0] * height * width))
+    return loss, log, accepted
+
+
+def seg_step(net, b: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage seg: cross-entropy of the point logits against the pseudo-labels."""
+    _, logits = net(b["coord"], b["feat"])
+    loss = F.cross_entropy(logits[b["inverse"]], b["pseudo_label"], ignore_index=IGNORE_LABEL)
+    return loss, {"loss": float(loss.detach())}
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation on this rank's scenes (confusion counts, all-reduced)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def pseudo_label_confusion(model, cfg: cfgmod.Config, num_classes: int, rank: int, world: int,
+                           device: torch.device, limit: int | None) -> dict[str, torch.Tensor]:
+    """Confusion of the teacher's pseudo-labels (masked softmax -> region mean -> argmax) against
+    GT on the first `limit` train scenes, 3D and 2D. GT is read here for the metric only."""
+    model.eval()
+    conf = {"3d": torch.zeros(num_classes, num_classes, dtype=torch.int64),
+            "2d": torch.zeros(num_classes, num_classes, dtype=torch.int64)}
+    mode = cfg.loss.rpc.mode
+    for batch in iter_rank_batches(cfg, cfg.data.train_split, "eval", 0, rank, world, 1, limit):
+        b = to_device(batch, device)
+        out3 = model.forward_3d(b["coord"], b["feat"])
+        pred = L.scene_pseudo_labels(out3["logits"][b["inverse"]], b["tags"][0], b.get("region"), mode)
+        conf["3d"] += M.confusion_matrix(pred.cpu(), b["label"].cpu(), num_classes)
+        if cfg.data.num_views and b["images"].shape[0]:
+            out2 = model.forward_2d(b["images"])
+            pred2 = L.scene_pseudo_labels(pixel_rows(out2["logits"]), b["view_tags"][0],
+                                          b["view_region"].reshape(-1), mode)
+            conf["2d"] += M.confusion_matrix(pred2.cpu(), b["view_label"].reshape(-1).cpu(), num_classes)
+    return {k: M.all_reduce_sum(v) for k, v in conf.items()}
+
+
+@torch.no_grad()
+def segmentation_confusion(net, cfg: cfgmod.Config, split: str, num_classes: int, rank: int, world: int,
+                           device: torch.device) -> torch.Tensor:
+    """Confusion of a segmentation network's argmax on a split (GT read for the metric only)."""
+    net.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for batch in iter_rank_batches(cfg, split, "eval", 0, rank, world, 1):
+        b = to_device(batch, device)
+        _, logits = net(b["coord"], b["feat"])
+        conf += M.confusion_matrix(logits[b["inverse"]].argmax(1).cpu(), b["label"].cpu(), num_classes)
+    return M.all_reduce_sum(conf)
+
+
+# --------------------------------------------------------------------------------------------
+# State and checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where training stands: the next epoch of the current stage and the step counters."""
+
+    stage_index: int = 0
+    epoch: int = 0
+    step: int = 0
+    stage_step: int = 0
+    mlflow_run_id: str | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("*/" + CHECKPOINT_FILE))
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(run_dir: Path, state: dict, progress: Progress, stage: str) -> Path:
+    """Rank 0 writes checkpoints/<step>/state.pt atomically (temp dir + rename)."""
+    final = run_dir / "checkpoints" / f"{progress.step:09d}-{stage}-e{progress.epoch:04d}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
+    torch.save({**state, "progress": progress.__dict__}, tmp / CHECKPOINT_FILE)
+    if final.exists():  # a re-run of the same step after a crash: replace it
+        import shutil
+
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# The training function
+# --------------------------------------------------------------------------------------------
+
+
+def build_models(cfg: cfgmod.Config, num_classes: int, stage: str):
+    """(student, teacher or None) for a stage, seeded identically on every rank."""
+    torch.manual_seed(cfg.seed)
+    if stage == "seg":
+        from rayseg.models.minkunet import build_minkunet
+
+        return build_minkunet(cfg.optim.seg_backbone, cfg.model.in_channels, num_classes, cfg.model.backend), None
+    from rayseg.models.twobranch import TwoBranchModel
+
+    student = TwoBranchModel(cfg.model, num_classes)
+    return student, make_teacher(student)
+
+
+def train_func(loop_config: dict) -> None:
+    """Ray Train entry point. loop_config: {"config": flat dotted config, "run_dir": str,
+    "stages": ["cmg", "cmg_rpc"] or ["seg"], "run_name": str, "parent_run_id": str | None}."""
+    import ray.train
+
+    from rayseg.train.tracking import Tracker
+
+    cfg = cfgmod.build(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    stages: list[str] = list(loop_config["stages"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cpu")
+    if cfg.ray.use_gpu and torch.cuda.is_available():
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    manifest = shards.load_manifest(cfg.data.root)
+    class_names = tuple(manifest["class_names"])
+    num_classes = len(class_names)
+
+    student, teacher = build_models(cfg, num_classes, stages[0])
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=stage_schedule(cfg, stages[0])[1], momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    thresholds = {side: L.ThresholdState.from_config(cfg.loss.rpc, num_classes) for side in ("3d", "2d")}
+    progress = Progress()
+
+    # Resume: Ray Train's checkpoint (worker restart) or the run directory's latest (driver restart).
+    ckpt = ray.train.get_checkpoint()
+    ckpt_file = None
+    if ckpt is not None:
+        ckpt_file = Path(ckpt.to_directory()) / CHECKPOINT_FILE
+    elif latest_checkpoint(run_dir) is not None:
+        ckpt_file = latest_checkpoint(run_dir)
+    if ckpt_file is not None:
+        state = torch.load(ckpt_file, map_location=device, weights_only=False)
+        student.load_state_dict(state["student"])
+        if teacher is not None:
+            teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        for side, ts in thresholds.items():
+            ts.load_state_dict(state["thresholds"][side])
+        progress = Progress(**state["progress"])
+        if rank == 0:
+            print(f"[rayseg] resumed from {ckpt_file} at stage {stages[progress.stage_index]} "
+                  f"epoch {progress.epoch} step {progress.step}", flush=True)
+
+    tracker = Tracker(cfg, loop_config["run_name"], enabled=(rank == 0), run_id=progress.mlflow_run_id,
+                      parent_run_id=loop_config.get("parent_run_id"),
+                      tags={"rayseg.stages": ",".join(stages), "rayseg.run_dir": str(run_dir)})
+    progress.mlflow_run_id = tracker.run_id
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+
+    try:
+        while progress.stage_index < len(stages):
+            stage = stages[progress.stage_index]
+            scfg = stage_config(cfg, stage)
+            epochs, base_lr = stage_schedule(cfg, stage)
+            per_rank_batch = max(1, cfg.optim.batch_size // world)
+            n_train = len(pipeline.plan(scfg.data.root, scfg.data.train_split, scfg, "train", 0, cfg.seed).paths)
+            steps_per_loop = math.ceil((n_train // world if world > 1 else n_train) / per_rank_batch)
+            total_steps = max(1, epochs * cfg.optim.loops_per_epoch * steps_per_loop)
+            while progress.epoch < epochs:
+                t0, scenes, sums = time.time(), 0, {}
+                student.train()
+                for loop_i in range(cfg.optim.loops_per_epoch):
+                    data_epoch = (progress.stage_index * 100_000) + progress.epoch * cfg.optim.loops_per_epoch + loop_i
+                    for batch in iter_rank_batches(scfg, scfg.data.train_split, "train", data_epoch, rank, world,
+                                                   per_rank_batch):
+                        b = to_device(batch, device)
+                        lr = poly_lr(base_lr, progress.stage_step, total_steps, cfg.optim.poly_power)
+                        for group in optimizer.param_groups:
+                            group["lr"] = lr
+                        if stage == "seg":
+                            loss, log = seg_step(student, b)
+                            accepted = {}
+                        else:
+                            teacher.eval()
+                            loss, log, accepted = two_branch_step(student, teacher, b, scfg, stage,
+                                                                  progress.stage_step, thresholds, generator)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        average_gradients(params, world)
+                        optimizer.step()
+                        if teacher is not None:
+                            ema_update(teacher, student, cfg.loss.rpc.ema_decay)
+                        for side, counts in accepted.items():
+                            thresholds[side].update(M.all_reduce_sum(counts.cpu()))
+                        progress.step += 1
+                        progress.stage_step += 1
+                        scenes += len(batch["scene_id"])
+                        for k, v in log.items():
+                            sums[k] = sums.get(k, 0.0) + v
+                        sums["_n"] = sums.get("_n", 0) + 1
+                        tracker.log_metrics({f"{stage}/{k}": v for k, v in log.items()} | {f"{stage}/lr": lr},
+                                            progress.step)
+                elapsed = time.time() - t0
+                n = max(1, sums.pop("_n", 1))
+                summary = {f"{stage}/epoch_{k}": v / n for k, v in sums.items()}
+                summary[f"{stage}/scenes_per_s"] = scenes * world / max(elapsed, 1e-9)
+                # Monitor: pseudo-label quality of the EMA teacher (stages cmg / cmg_rpc); GT only here.
+                report = dict(summary)
+                if stage != "seg" and cfg.data.monitor_scenes:
+                    conf = pseudo_label_confusion(teacher, scfg, num_classes, rank, world, device,
+                                                  cfg.data.monitor_scenes)
+                    for side, c in conf.items():
+                        if int(c.sum()):
+                            vals = tracker.log_confusion(c, class_names, f"pseudo_{side}", progress.step) \
+                                if rank == 0 else M.metrics_dict(c, class_names, prefix=f"pseudo_{side}_")
+                            report[f"pseudo_miou_{side}"] = vals[f"pseudo_{side}_miou"]
+                tracker.log_metrics(summary, progress.step)
+                progress.epoch += 1
+                progress.history.append({"stage": stage, "epoch": progress.epoch, **report})
+                if rank == 0:
+                    print(f"[rayseg] {stage} epoch {progress.epoch}/{epochs} step {progress.step} "
+                          + " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in report.items()), flush=True)
+                state = {"student": student.state_dict(),
+                         "teacher": teacher.state_dict() if teacher is not None else None,
+                         "optimizer": optimizer.state_dict(),
+                         "thresholds": {side: ts.state_dict() for side, ts in thresholds.items()},
+                         "config": loop_config["config"], "class_names": class_names, "stages": stages}
+                _report(state, progress, stage, run_dir, rank, {**report, "step": progress.step,
+                                                                "stage": stage, "epoch": progress.epoch})
+            progress.stage_index += 1
+            progress.epoch = 0
+            progress.stage_step = 0
+        tracker.end("FINISHED")
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+
+
+def _report(state: dict, progress: Progress, stage: str, run_dir: Path, rank: int, metrics: dict) -> None:
+    """Checkpoint every epoch: rank 0 writes it to the run directory and hands it to Ray Train
+    (which restores it into restarted workers); the other ranks report metrics only."""
+    import ray.train
+
+    if rank == 0:
+        path = save_checkpoint(run_dir, state, progress, stage)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+    else:
+        ray.train.report(metrics)
