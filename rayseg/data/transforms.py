@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from rayseg.data.scene import NO_REGION, SceneError
 
@@ -302,30 +302,28 @@ def resize_rgb(rgb: np.ndarray, dst_hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((dst_hw[1], dst_hw[0]), Image.BILINEAR))
 
 
-def _grayscale(img: np.ndarray) -> np.ndarray:
-    return img[..., 0] * 0.299 + img[..., 1] * 0.587 + img[..., 2] * 0.114
-
-
 def view_color_jitter(rgb: np.ndarray, rng: np.random.Generator,
                       strength: tuple[float, float, float, float]) -> np.ndarray:
     """Brightness, contrast, saturation and hue jitter of uint8 (V, H, W, 3) images, with
-    independent factors per view (torchvision ColorJitter semantics, fixed order). Returns uint8."""
+    independent factors per view (torchvision ColorJitter semantics on PIL images, fixed order;
+    the hue shift is done in PIL's 8-bit HSV). Returns uint8."""
     bright, contrast, sat, hue = strength
     out = np.empty_like(rgb)
     for i in range(rgb.shape[0]):
-        img = rgb[i].astype(np.float32) / 255.0
         b = rng.uniform(max(0.0, 1 - bright), 1 + bright)
         c = rng.uniform(max(0.0, 1 - contrast), 1 + contrast)
         s = rng.uniform(max(0.0, 1 - sat), 1 + sat)
         h = rng.uniform(-hue, hue)
-        img = np.clip(img * b, 0, 1)
-        img = np.clip(c * img + (1 - c) * _grayscale(img).mean(), 0, 1)
-        img = np.clip(s * img + (1 - s) * _grayscale(img)[..., None], 0, 1)
-        if h != 0.0:
-            hsv = rgb_to_hsv(img)
-            hsv[..., 0] = (hsv[..., 0] + h) % 1.0
-            img = hsv_to_rgb(hsv)
-        out[i] = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+        img = Image.fromarray(rgb[i])
+        img = ImageEnhance.Brightness(img).enhance(b)
+        img = ImageEnhance.Contrast(img).enhance(c)
+        img = ImageEnhance.Color(img).enhance(s)
+        shift = int(round(h * 255)) % 256
+        if shift:
+            hsv = np.array(img.convert("HSV"))
+            hsv[..., 0] += np.uint8(shift)  # wraps around the hue circle
+            img = Image.fromarray(hsv, "HSV").convert("RGB")
+        out[i] = np.asarray(img)
     return out
 
 
