@@ -205,3 +205,21 @@ def write_2d3ds_views(images: Path, image_area: str, room: str, truth: dict, are
         (data / "pose" / f"{stem}pose.json").write_text(json.dumps(pose))
         names.append(stem)
     return names
+
+
+# --------------------------------------------------------------------------------------------
+# Truth
+# --------------------------------------------------------------------------------------------
+
+
+def truth_scene(profile: str, index: int, scene_id: str, split: str, *, width: int, height: int,
+                num_views: int = 4) -> dict:
+    """A small synthetic scene (rayseg.data.synthetic) used as the truth of a raw fixture."""
+    from rayseg.data.synthetic import generate_scene
+    from rayseg.config import SyntheticConfig
+
+    cfg = SyntheticConfig(profile=profile, num_scenes=max(8, index + 1), num_views=num_views,
+                          image_width=width, image_height=height, points_per_m2=60.0,
+                          min_points=4000, max_points=12000, seed=7)
+    scene = generate_scene(cfg, index)
+    return {**scene, "scene_id": scene_id, "split": split}

@@ -414,8 +414,9 @@ def load_room(task: RoomTask) -> dict:
         "scene_id": task.scene_id, "split": task.split, "coord": coord_out, "color": pts["color"],
         "normal": normal, "label": pts["label"], "instance": pts["instance"], "tags": tags,
         **views_to_arrays(out_views, target),
-        "room_transform": area_to_out.astype(np.float32), "room_angle": np.float32(angle),
-        "room_angle_source": np.int32(ANGLE_SOURCES[source]),
+        # Per-room facts as arrays (1-element for scalars: shards store arrays).
+        "room_transform": area_to_out.astype(np.float32), "room_angle": np.array([angle], np.float32),
+        "room_angle_source": np.array([ANGLE_SOURCES[source]], np.int32),
         "room_angle_scores": scores.astype(np.float32),
     }
 

@@ -366,10 +366,12 @@ def load_scene(scene_dir: str | Path, scene_id: str, split: str, opts: ScanNetOp
         "label": label, "instance": instance, "tags": tags,
         **views_to_arrays(views, (opts.image_width, opts.image_height)),
         "axis_alignment": align.astype(np.float32),
-        "axis_aligned": np.int32(opts.axis_align), "has_axis_alignment": np.int32(has_alignment),
-        "tags_known": np.int32(tags_known),
-        "frames_total": np.int32(total), "frames_dropped": np.int32(dropped),
-        "frames_from_sens": np.int32(source == "sens"),
+        # Per-scene facts as 1-element arrays (shards store arrays; 0-d ones come back 1-d).
+        "axis_aligned": np.array([opts.axis_align], np.int32),
+        "has_axis_alignment": np.array([has_alignment], np.int32),
+        "tags_known": np.array([tags_known], np.int32),
+        "frames_total": np.array([total], np.int32), "frames_dropped": np.array([dropped], np.int32),
+        "frames_from_sens": np.array([source == "sens"], np.int32),
     }
     return scene
 
