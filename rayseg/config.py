@@ -193,9 +193,26 @@ class PartitionConfig:
     """Shape detection: max angle between point normal and plane normal, degrees."""
     sd_min_size: int = 50
     """Shape detection: minimum region size."""
+    sd_seed_spacing: float = 0.5
+    """Shape detection: one growth seed per cube of this edge, metres (coplanar seeds merge)."""
+    view_stride: int = 2
+    """2D regions: partition every view_stride-th pixel in x and y; the others take the region of
+    the nearest (in 3D) sampled pixel. 1 = every pixel."""
+    gt_view_tolerance: float = 0.05
+    """gt oracle only: a pixel takes the instance of the nearest scene point within this many metres."""
 
     def __post_init__(self) -> None:
         _check(self.knn >= 3, "knn", "must be >= 3")
+        for name in ("rg_min_size", "sd_min_size"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("rg_smoothness_deg", "sd_max_angle_deg"):
+            _check(0 < getattr(self, name) <= 90, name, "must be in (0, 90] degrees")
+        _check(self.rg_curvature_threshold >= 0, "rg_curvature_threshold", "must be >= 0")
+        for name in ("vccs_color_weight", "vccs_spatial_weight", "vccs_normal_weight"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("sd_seed_spacing", "gt_view_tolerance"):
+            _check(getattr(self, name) > 0, name, "must be > 0")
+        _check(self.view_stride >= 1, "view_stride", "must be >= 1")
         for name in ("vccs_voxel_resolution", "vccs_seed_resolution", "sd_max_distance"):
             _check(getattr(self, name) > 0, name, "must be > 0")
         _check(self.vccs_seed_resolution >= self.vccs_voxel_resolution, "vccs_seed_resolution",
