@@ -163,7 +163,7 @@ def _corrupt_labels(src, dst):
             i = table.column_names.index(col)
             table = table.set_column(i, col, pa.array([b"not an array"], pa.binary()))
         i = table.column_names.index("view_label")
-        table = table.set_column(i, "view_label", pa.array([[b"not a png"]], pa.list_(pa.binary())))
+        table = table.set_column(i, "view_label", pa.array([[b"not a png"] * 5], pa.list_(pa.binary())))
         pq.write_table(table, path)
     shards.write_manifest(dst, None)
     return dst
@@ -219,3 +219,17 @@ def test_wall_removal_and_no_views(dataset):
     scene = shards.read_scene(dataset / "train" / f"{batch['scene_id'][0]}.parquet")
     kept = (scene["region_test"] < 1) | (scene["region_test"] > 4)
     assert batch["point_offset"][0] == kept.sum()
+
+
+def test_decoding_only_the_chosen_views_changes_nothing(dataset):
+    """The loaders choose views from the poses and decode only those images; make_sample on the
+    fully decoded scene with the same generator gives the same sample."""
+    cfg = small_config(**{"augment.remove_floor_p": 0.5})
+    p = P.plan(dataset, "train", cfg, "train", epoch=1, seed=3)
+    for path, sample in zip(p.paths[:2], P.iter_samples(dataset, "train", cfg, "train", epoch=1, seed=3)):
+        scene = shards.read_scene(path, p.columns)
+        assert scene["view_rgb"].shape[0] == 5 and sample["images"].shape[0] == 3
+        ref = P.make_sample(scene, cfg, P.scene_rng(3, 1, scene["scene_id"]), "train", SCANNET20)
+        assert ref.keys() == sample.keys()
+        for k in ref:
+            assert np.array_equal(ref[k], sample[k]) if isinstance(ref[k], np.ndarray) else ref[k] == sample[k], k

@@ -75,6 +75,8 @@ MODES = ("train", "eval", "infer")
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 VIEW_COLUMNS = ("view_rgb", "view_depth", "view_pose", "view_intrinsics", "view_frame")
+# View columns that are cheap to decode: enough to choose the views before decoding images.
+VIEW_META_COLUMNS = ("view_pose", "view_intrinsics", "view_frame")
 # Non-scene bookkeeping columns row_to_scene uses (schema check, sizes of zero-view scenes).
 ROW_COLUMNS = ("schema_version", "image_height", "image_width")
 # Per-side keys of a sample; the teacher's carry the prefix "teacher_".
@@ -118,12 +120,15 @@ def _side(coord: np.ndarray, color: np.ndarray, normal: np.ndarray, rgb: np.ndar
 
 
 def make_sample(scene: dict, cfg: Config, rng: np.random.Generator, mode: str,
-                class_names: tuple[str, ...] = ()) -> dict:
+                class_names: tuple[str, ...] = (), views: np.ndarray | None = None) -> dict:
     """Turn one decoded scene record into one sample (per-scene arrays; `collate` batches them).
 
     rng drives every random choice (use scene_rng(seed, epoch, scene_id)); in "eval"/"infer"
     nothing is random. class_names (the dataset's, from its manifest) name the floor / wall /
     ceiling tags that region removal clears. Ground-truth keys are read only in "eval" mode.
+    views: indices of views already chosen with transforms.sample_views and this same rng (the
+    loaders do that to decode only those images); None = choose them here, which gives the same
+    result.
     Raises SceneError naming the scene for a zero-point scene, a missing region column, or no
     valid view when data.num_views > 0.
     """
@@ -146,7 +151,8 @@ def make_sample(scene: dict, cfg: Config, rng: np.random.Generator, mode: str,
     view_tags = scene["tags"].astype(np.float32)
 
     # View choice, removal and subsampling happen once, before the teacher/student split.
-    views = T.sample_views(scene, num_views, rng if train else None)
+    if views is None:
+        views = T.sample_views(scene, num_views, rng if train else None)
     if augment and region_key:
         scene = T.remove_structures(scene, region_key, tuple(class_names), rng, aug)
     n = scene["coord"].shape[0]
@@ -267,10 +273,17 @@ def mix3d(first: dict, second: dict) -> dict:
     }
 
 
+# uint8 value -> normalised float, per channel: one table lookup per pixel instead of arithmetic.
+_NORMALIZE_LUT = ((np.arange(256, dtype=np.float32)[None, :] / 255.0 - IMAGENET_MEAN[:, None])
+                  / IMAGENET_STD[:, None]).astype(np.float32)
+
+
 def normalize_images(rgb: np.ndarray) -> np.ndarray:
     """uint8 (V, H, W, 3) -> float32 (V, 3, H, W), ImageNet mean/std normalised."""
-    img = (rgb.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return np.ascontiguousarray(img.transpose(0, 3, 1, 2))
+    out = np.empty((rgb.shape[0], 3) + rgb.shape[1:3], np.float32)
+    for c in range(3):
+        out[:, c] = _NORMALIZE_LUT[c][rgb[..., c]]
+    return out
 
 
 def _stack(parts: list[dict]) -> dict:
@@ -346,6 +359,7 @@ class DatasetPlan:
     paths: list[Path]
     scene_ids: list[str]
     columns: list[str]
+    read_columns: list[str]
     class_names: tuple[str, ...]
 
 
@@ -392,6 +406,7 @@ def plan(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0, s
         order = np.random.default_rng([seed, epoch]).permutation(len(entries))
     return DatasetPlan(root=root, split=split, mode=mode, paths=[paths[i] for i in order],
                        scene_ids=[entries[i]["scene_id"] for i in order], columns=columns,
+                       read_columns=columns + [c for c in ROW_COLUMNS if c in available],
                        class_names=tuple(manifest.get("class_names", ())))
 
 
@@ -408,14 +423,57 @@ def _batches(samples: Iterable[dict], batch_size: int) -> Iterator[dict]:
         yield collate(buf)
 
 
+def sample_from_row(row: dict, columns: list[str], cfg: Config, mode: str, epoch: int, seed: int,
+                    class_names: tuple[str, ...]) -> dict:
+    """One shard row (pyarrow or Ray Data) -> one sample: decode -> make_sample. The views are
+    chosen first from the poses alone, so only the chosen images are decoded (a ScanNet scene
+    stores ~100 frames and uses 6)."""
+    unexpected = [k for k in row if k in shards.GT_COLUMNS and k not in columns]
+    if unexpected:  # a guard on the column projection: training must never receive ground truth
+        raise PipelineError(f"scene {row.get('scene_id')}: ground-truth column(s) {unexpected} were read")
+    sid = str(row["scene_id"])
+    rng = scene_rng(seed, epoch, sid)
+    if not (cfg.data.num_views and "view_pose" in columns):
+        return make_sample(shards.row_to_scene(row, columns), cfg, rng, mode, class_names)
+    meta = shards.row_to_scene(row, [c for c in columns if c in VIEW_META_COLUMNS])
+    chosen = T.sample_views(meta, cfg.data.num_views, rng if mode == "train" else None)
+    num_stored = meta["view_pose"].shape[0]
+    for k in shards.IMAGE_COLUMNS:
+        if k in row and len(row[k]) != num_stored:
+            raise shards.ShardError(f"scene {sid}: {k}: {len(row[k])} images for {num_stored} view poses")
+    row = {k: ([v[i] for i in chosen] if k in shards.IMAGE_COLUMNS else v) for k, v in row.items()}
+    scene = shards.row_to_scene(row, columns)
+    for k in list(scene):
+        if k in VIEW_META_COLUMNS or k.startswith("view_region_"):
+            scene[k] = scene[k][chosen]
+    return make_sample(scene, cfg, rng, mode, class_names, views=np.arange(len(chosen)))
+
+
+def _read_row(path: Path, columns: list[str]) -> dict:
+    """The single row of a shard, as plain Python values (bytes, lists); errors name the file."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise FileNotFoundError(f"shard {path} does not exist")
+    try:
+        table = pq.ParquetFile(path, page_checksum_verification=True).read(columns=columns)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for bad files
+        raise shards.ShardError(f"shard {path}: unreadable parquet ({type(exc).__name__}: {exc})") from None
+    if table.num_rows != 1:
+        raise shards.ShardError(f"shard {path}: expected exactly 1 row, found {table.num_rows}")
+    return table.to_pylist()[0]
+
+
 def iter_samples(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0,
                  seed: int | None = None) -> Iterator[dict]:
     """Per-scene samples of one pass, in epoch order, computed in this process."""
     p = plan(root, split, cfg, mode, epoch, seed)
     seed = cfg.seed if seed is None else seed
     for path in p.paths:
-        scene = shards.read_scene(path, p.columns)
-        yield make_sample(scene, cfg, scene_rng(seed, epoch, scene["scene_id"]), mode, p.class_names)
+        try:
+            yield sample_from_row(_read_row(path, p.read_columns), p.columns, cfg, mode, epoch, seed, p.class_names)
+        except shards.ShardError as exc:
+            raise shards.ShardError(f"shard {path}: {exc}") from None
 
 
 def iter_batches(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0, seed: int | None = None,
@@ -427,17 +485,6 @@ def iter_batches(root: str | Path, split: str, cfg: Config, mode: str, epoch: in
 # --------------------------------------------------------------------------------------------
 # Ray Data
 # --------------------------------------------------------------------------------------------
-
-
-def _decode_row(row: dict, columns: list[str]) -> dict:
-    unexpected = [k for k in row if k in shards.GT_COLUMNS and k not in columns]
-    if unexpected:  # a guard on the column projection: training must never receive ground truth
-        raise PipelineError(f"scene {row.get('scene_id')}: ground-truth column(s) {unexpected} were read")
-    return shards.row_to_scene(row, columns)
-
-
-def _sample_row(scene: dict, cfg: Config, mode: str, epoch: int, seed: int, class_names: tuple[str, ...]) -> dict:
-    return make_sample(scene, cfg, scene_rng(seed, epoch, scene["scene_id"]), mode, class_names)
 
 
 def configure_ray_data(cfg: Config) -> None:
@@ -453,18 +500,16 @@ def configure_ray_data(cfg: Config) -> None:
 
 def ray_dataset(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0, seed: int | None = None):
     """The per-scene part of the pipeline as a lazy ray.data.Dataset of samples, in epoch order:
-    read_parquet (needed columns only, one row per shard) -> map(decode) -> map(make_sample).
-    Batch it with iter_batches_ray. Checks the dataset (plan) before Ray does any work."""
+    read_parquet (needed columns only, one row per shard) -> map(sample_from_row: decode +
+    make_sample). Batch it with iter_batches_ray. Checks the dataset (plan) before Ray starts work."""
     import ray.data
 
     p = plan(root, split, cfg, mode, epoch, seed)
     seed = cfg.seed if seed is None else seed
     configure_ray_data(cfg)
-    read_columns = p.columns + [c for c in ROW_COLUMNS if c in shards.shard_columns(p.paths[0])]
-    ds = ray.data.read_parquet([str(x) for x in p.paths]).select_columns(read_columns)  # pushed into the read
-    ds = ds.map(functools.partial(_decode_row, columns=p.columns))
-    return ds.map(functools.partial(_sample_row, cfg=cfg, mode=mode, epoch=epoch, seed=seed,
-                                    class_names=p.class_names))
+    ds = ray.data.read_parquet([str(x) for x in p.paths]).select_columns(p.read_columns)  # pushed into the read
+    return ds.map(functools.partial(sample_from_row, columns=p.columns, cfg=cfg, mode=mode, epoch=epoch,
+                                    seed=seed, class_names=p.class_names))
 
 
 def _from_ray_row(row: Any) -> dict:

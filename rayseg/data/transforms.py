@@ -240,8 +240,9 @@ def remove_structures(scene: dict, region_key: str, class_names: tuple[str, ...]
 
 
 def valid_views(scene: dict) -> np.ndarray:
-    """Indices of views with a finite pose and intrinsics; logs a warning for each dropped view."""
-    v = 0 if scene.get("view_rgb") is None else scene["view_rgb"].shape[0]
+    """Indices of views with a finite pose and intrinsics; logs a warning for each dropped view.
+    Needs only view_pose, view_intrinsics (and view_frame for the message)."""
+    v = 0 if scene.get("view_pose") is None else scene["view_pose"].shape[0]
     if v == 0:
         return np.zeros(0, np.int64)
     pose_ok = np.isfinite(scene["view_pose"].reshape(v, -1)).all(1)
@@ -262,7 +263,7 @@ def sample_views(scene: dict, num_views: int, rng: np.random.Generator | None) -
         return np.zeros(0, np.int64)
     valid = valid_views(scene)
     if valid.size == 0:
-        total = 0 if scene.get("view_rgb") is None else scene["view_rgb"].shape[0]
+        total = 0 if scene.get("view_pose") is None else scene["view_pose"].shape[0]
         raise SceneError(f"scene {scene.get('scene_id')}: no valid view ({total} stored, none with a finite "
                          f"pose), but data.num_views = {num_views}")
     if "view_frame" in scene:
