@@ -140,10 +140,11 @@ def write_scannet_splits(splits_dir: Path, splits: dict[str, list[str]]) -> None
 # --------------------------------------------------------------------------------------------
 
 
-def write_s3dis_room(raw: Path, area: str, room: str, coord: np.ndarray, truth: dict) -> list[str]:
+def write_s3dis_room(raw: Path, area: str, room: str, coord: np.ndarray, truth: dict) -> list[np.ndarray]:
     """<raw>/<area>/<room>/Annotations/<class>_<k>.txt, one file per truth instance, 'x y z r g b'
     with millimetre precision; the clutter instance with most points is written as 'stairs'.
-    Returns the file names in the order prepare numbers them (sorted)."""
+    Returns the truth point indices of each file in the order prepare reads them (sorted names),
+    so ``np.concatenate(result)`` is the expected point order."""
     ann = raw / area / room / "Annotations"
     ann.mkdir(parents=True, exist_ok=True)
     inst, label = truth["instance"], truth["label"]
@@ -151,19 +152,19 @@ def write_s3dis_room(raw: Path, area: str, room: str, coord: np.ndarray, truth: 
     clutter_inst = [i for i in np.unique(inst[label == clutter])]
     stairs = max(clutter_inst, key=lambda i: (inst == i).sum()) if clutter_inst else None
     counts: dict[str, int] = {}
-    names = []
+    files = {}
     for i in np.unique(inst):
-        sel = inst == i
+        sel = np.nonzero(inst == i)[0]
         cls = S3DIS13[int(label[sel][0])]
         name = "stairs" if i == stairs else cls
         counts[name] = counts.get(name, 0) + 1
         fname = f"{name}_{counts[name]}.txt"
         table = np.column_stack([coord[sel], truth["color"][sel]])
         np.savetxt(ann / fname, table, fmt=["%.3f"] * 3 + ["%d"] * 3)
-        names.append(fname)
+        files[fname] = sel
     # The whole-room file S3DIS also ships (rayseg reads the annotations only).
     (raw / area / room / f"{room}.txt").write_text("")
-    return sorted(names)
+    return [files[name] for name in sorted(files)]
 
 
 def write_angle_file(raw: Path, area: str, angles: dict[str, float]) -> None:
