@@ -167,6 +167,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_partition(args: argparse.Namespace) -> int:
+    from rayseg.data import shards
+    from rayseg.partition import PartitionError, job
+
+    cfg = cfgmod.load(args.config, args.overrides).config
+    methods = args.methods or [cfg.partition.method]
+    try:
+        summary = job.run_partition(args.root, methods, cfg, force=args.force,
+                                    num_cpus_per_task=args.num_cpus_per_task)
+    except (FileNotFoundError, NotADirectoryError, PartitionError, shards.ShardError) as exc:
+        print(f"partition: {exc}", file=sys.stderr)
+        return 2
+    print(summary.format())
+    return 0 if summary.ok else 1
+
+
+def cmd_partition_quality(args: argparse.Namespace) -> int:
+    from rayseg.data import shards
+    from rayseg.partition import PartitionError, quality
+
+    cfg = cfgmod.load(args.config, args.overrides).config
+    if args.tracking_uri:
+        cfg = cfgmod.replace(cfg, **{"tracking.uri": args.tracking_uri})
+    try:
+        quality.run_quality(args.root, args.methods or [cfg.partition.method], cfg, split=args.split)
+    except (FileNotFoundError, NotADirectoryError, PartitionError, shards.ShardError) as exc:
+        print(f"partition-quality: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayseg", description="rayseg: scene-level tags -> per-point pseudo-labels -> a 3D segmenter, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,6 +297,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="demo config (default experiments/synthetic-demo.toml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
+
+    # partition / partition-quality (rayseg.partition.job, rayseg.partition.quality)
+    methods_help = ("pointwise, vccs, region_growing, vccs_rg, shape_detection, or gt (the GT-instance "
+                    "ORACLE); repeatable (default partition.method)")
+    p = sub.add_parser("partition", help="add region_<method> columns (points and views) to every scene")
+    p.add_argument("root", help="prepared dataset folder")
+    p.add_argument("--method", dest="methods", action="append", default=[], help=methods_help)
+    p.add_argument("--config", default=None, help="experiment TOML whose [partition] values to use")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set partition.sd_max_distance=0.02")
+    p.add_argument("--force", action="store_true", help="recompute scenes that are up to date")
+    p.add_argument("--num-cpus-per-task", type=float, default=1.0, help="Ray CPUs per scene task")
+    p.set_defaults(func=cmd_partition)
+    p = sub.add_parser("partition-quality",
+                       help="regions per scene, region size, oracle mIoU (majority GT class per region)")
+    p.add_argument("root", help="prepared, partitioned dataset folder")
+    p.add_argument("--method", dest="methods", action="append", default=[], help=methods_help)
+    p.add_argument("--split", default=None, help="only scenes of this split (default all)")
+    p.add_argument("--config", default=None, help="experiment TOML (tracking settings)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--tracking-uri", default=None, help="log to this MLflow store (default tracking.uri; "
+                   "not logged when neither is set)")
+    p.set_defaults(func=cmd_partition_quality)
 
     # Subcommands of the other modules register here (one block each).
     return parser
