@@ -3,6 +3,8 @@ in the real formats from synthetic scenes whose truth is known (tests/fixtures_r
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -139,8 +141,10 @@ def prepared(raw_scannet, ray_local):
     out = raw_scannet["root"] / "out"
     argv = ["prepare", "scannet", "--raw", str(raw_scannet["raw"]), "--splits", str(raw_scannet["splits"]),
             "--out", str(out), "--frame-skip", str(SKIP), "--image-size", f"{OUT_W}x{OUT_H}"]
-    code = cli.main(argv)
-    return {"out": out, "code": code, "argv": argv}
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli.main(argv)
+    return {"out": out, "code": code, "stdout": stdout.getvalue()}
 
 
 def _read(out, split, sid):
@@ -149,6 +153,9 @@ def _read(out, split, sid):
 
 def test_corrupt_scene_is_named_and_exit_code_nonzero(prepared, capsys):
     assert prepared["code"] == 1
+    # Frame bookkeeping over the three good scenes: 4 truth views each, one -inf pose.
+    assert "frames: 12 considered (frame skip 2), 1 dropped" in prepared["stdout"]
+    assert "FAILED scene0003_00" in prepared["stdout"]
     manifest = shards.load_manifest(prepared["out"])
     assert sorted(e["scene_id"] for e in manifest["scenes"]) == ["scene0000_00", "scene0001_00", "scene0002_00"]
     assert manifest["metadata"]["coordinates"] == "axis_aligned"

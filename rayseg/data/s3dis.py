@@ -334,14 +334,14 @@ def estimate_room_angle(coord_room: np.ndarray, color: np.ndarray, centre: np.nd
                         views_area: list[dict], seed: int = 0) -> tuple[float, np.ndarray]:
     """For a room given in its aligned frame (angle unknown), the angle in {0, 90, 180, 270}
     whose area->room transform makes the points agree best with the views (depth and colour);
-    and the four scores."""
+    and the four scores. ``views_area``: a few native views (rgb, depth, K, pose in the area
+    frame); 20k sampled points are scored."""
     rng = np.random.default_rng(seed)
     keep = rng.choice(len(coord_room), min(len(coord_room), 20000), replace=False)
-    probe = views_area[:: max(1, len(views_area) // 8)][:8]
     scores = []
     for angle in (0.0, 90.0, 180.0, 270.0):
         to_room = global_to_room(angle, centre)
-        posed = [{**v, "pose": to_room @ v["pose"]} for v in probe]
+        posed = [{**v, "pose": to_room @ v["pose"]} for v in views_area]
         scores.append(_agreement(coord_room[keep], color[keep], posed, tol=0.1))
     scores = np.array(scores)
     return float(90.0 * np.argmax(scores)), scores
@@ -368,6 +368,13 @@ class RoomTask:
         return load_room(self)
 
 
+def _native_view(vf: ViewFiles) -> dict:
+    """A view at its native size with its camera-to-world pose in the S3DIS area frame."""
+    v = read_view(vf)
+    v["pose"] = camera_to_world(v["rt"], vf.image_area, np.eye(4))
+    return v
+
+
 def load_room(task: RoomTask) -> dict:
     opts = task.opts
     room_dir = Path(task.room_dir)
@@ -376,23 +383,14 @@ def load_room(task: RoomTask) -> dict:
     centre = (coord.min(axis=0) + coord.max(axis=0)) / 2
     target = (opts.image_width, opts.image_height)
 
-    views = []
-    for position, vf in select_views(task.views, opts):
-        v = read_view(vf)
-        h, w = v["depth"].shape
-        v["pose_area"] = camera_to_world(v["rt"], vf.image_area, np.eye(4))
-        v["position"] = position
-        v["K_native"], v["native_wh"] = v["K"], (w, h)
-        views.append(v)
-
+    chosen = select_views(task.views, opts)
     angle, source, scores = task.angle, "file", np.full(4, np.nan)
     if angle is None:
-        if task.points_frame == "global" or not views:
+        if task.points_frame == "global" or not chosen:
             angle, source = 0.0, "none"
         else:
-            native = [{"rgb": v["rgb"], "depth": v["depth"], "K": v["K_native"], "pose": v["pose_area"]}
-                      for v in views]
-            angle, scores = estimate_room_angle(coord, pts["color"], centre, native)
+            probe = [_native_view(vf) for _, vf in chosen[:: max(1, len(chosen) // 8)][:8]]
+            angle, scores = estimate_room_angle(coord, pts["color"], centre, probe)
             source = "estimated"
     if task.points_frame == "aligned" and angle % 90 != 0:
         raise ValueError(f"room {task.scene_id}: alignment angle {angle} is not a multiple of 90 deg; "
@@ -405,9 +403,13 @@ def load_room(task: RoomTask) -> dict:
     out_centre = (coord_out.min(axis=0) + coord_out.max(axis=0)) / 2
     normal = pca_normals(coord_out.astype(np.float64), opts.normal_knn, out_centre)
 
-    out_views = [{"rgb": resize_rgb(v["rgb"], target), "depth": resize_depth_nearest(v["depth"], target),
-                  "pose": area_to_out @ v["pose_area"], "K": scale_intrinsics(v["K_native"], v["native_wh"], target),
-                  "frame": v["position"]} for v in views]
+    out_views = []
+    for position, vf in chosen:  # one native view at a time: a 1080x1080 RGB-D view is ~8 MB
+        v = _native_view(vf)
+        h, w = v["depth"].shape
+        out_views.append({"rgb": resize_rgb(v["rgb"], target), "depth": resize_depth_nearest(v["depth"], target),
+                          "pose": area_to_out @ v["pose"], "K": scale_intrinsics(v["K"], (w, h), target),
+                          "frame": position})
     tags = np.zeros(len(S3DIS13), np.uint8)
     tags[np.unique(pts["label"])] = 1
     return {

@@ -458,4 +458,21 @@ def prepare_scannet(raw_dirs: list[str | Path], splits_dir: str | Path, out_root
         "test_tags": "unknown (all zeros, tags_known = 0)",
         "skipped_splits": notes["skipped_splits"],
     }
-    return run_prepare(out_root, tasks, "scannet20", metadata=metadata)
+    summary = run_prepare(out_root, tasks, "scannet20", metadata=metadata)
+    total, dropped = frame_counts(out_root, [t for t in tasks if t.scene_id not in summary.failed])
+    print(f"frames: {total} considered (frame skip {opts.frame_skip}), {dropped} dropped for a "
+          f"non-finite pose (per scene: frames_total / frames_dropped in the records)")
+    return summary
+
+
+def frame_counts(out_root: str | Path, tasks: list) -> tuple[int, int]:
+    """Frames considered and dropped (non-finite pose), summed over the prepared scenes."""
+    from rayseg.data import shards
+
+    total = dropped = 0
+    for t in tasks:
+        rec = shards.read_scene(shards.scene_path(out_root, t.split, t.scene_id),
+                                ["frames_total", "frames_dropped"])
+        total += int(rec["frames_total"].sum())
+        dropped += int(rec["frames_dropped"].sum())
+    return total, dropped
