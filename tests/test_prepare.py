@@ -134,6 +134,8 @@ def test_prepare_rejects_bad_task_lists(tmp_path):
     a = task(tiny_scene("a"))
     with pytest.raises(ValueError, match="duplicate scene id 'a'"):
         run_prepare(tmp_path, [a, a], "scannet20")
+    with pytest.raises(ValueError, match=f"nothing to prepare into {tmp_path}"):
+        run_prepare(tmp_path, [], "scannet20")
     with pytest.raises(ValueError, match="profile must be one of"):
         run_prepare(tmp_path, [a], "nyu40")
     with pytest.raises(ValueError, match="scene_id: must be a plain file name"):

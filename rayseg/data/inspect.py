@@ -85,7 +85,7 @@ def run_inspect(root: str | Path, verify: bool = False, max_scenes: int = 20) ->
     """Print the summary; with ``verify`` also check every file. Returns the exit status."""
     root = Path(root)
     if verify:
-        problems = shards.verify(root)
+        problems = shards.verify(root, progress_seconds=10.0)
         if problems:
             # The dataset may be too broken to summarise: report problems first, by file name.
             print(f"verify: {len(problems)} problem(s) in {root}:")
@@ -94,5 +94,5 @@ def run_inspect(root: str | Path, verify: bool = False, max_scenes: int = 20) ->
             return 1
     print(format_summary(root, max_scenes))
     if verify:
-        print(f"\nverify: OK, every file matches the manifest and reads back valid")
+        print("\nverify: OK, every file matches the manifest and reads back valid")
     return 0

@@ -128,6 +128,8 @@ def run_prepare(out_root: str | Path, tasks: list[SceneTask], profile: str,
     the summary while the others complete. The manifest lists every shard in ``out_root``."""
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    if not tasks:
+        raise ValueError(f"nothing to prepare into {out_root}: the dataset reader found no scenes")
     seen: set[str] = set()
     for task in tasks:
         shards._check_scene_id(task.scene_id)

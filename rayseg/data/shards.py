@@ -33,6 +33,7 @@ import os
 import platform
 import socket
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -630,10 +631,11 @@ def verify_shard(path: str | Path, num_classes: int | None = None) -> list[str]:
     return []
 
 
-def verify(root: str | Path) -> list[str]:
+def verify(root: str | Path, progress_seconds: float = 0.0) -> list[str]:
     """Every problem of a prepared dataset, each naming the file: missing / extra / leftover
     temp files, size or checksum mismatches, unreadable or truncated Parquet, bad schema,
-    scene contract violations. [] means the dataset is sound. Re-reads every byte."""
+    scene contract violations. [] means the dataset is sound. Re-reads every byte.
+    ``progress_seconds`` > 0 prints a progress line that often."""
     root = Path(root)
     if not root.is_dir():
         return [f"{root}: dataset folder does not exist"]
@@ -649,7 +651,11 @@ def verify(root: str | Path) -> list[str]:
         problems.append(f"{rel}: extra file not in the manifest (run write_manifest or re-run prepare)")
     for tmp in _temp_files(root):
         problems.append(f"{tmp.relative_to(root).as_posix()}: leftover temp file of an interrupted write")
-    for rel, entry in sorted(listed.items()):
+    last_print = time.time()
+    for done, (rel, entry) in enumerate(sorted(listed.items())):
+        if progress_seconds > 0 and time.time() - last_print >= progress_seconds:
+            print(f"verify: {done}/{len(listed)} files checked, {len(problems)} problem(s) so far", flush=True)
+            last_print = time.time()
         path = root / rel
         if not path.is_file():
             problems.append(f"{rel}: missing (listed in the manifest)")
