@@ -62,9 +62,15 @@ class SyntheticConfig:
     """Upper bound on points per scene."""
     seed: int = 0
     """Base seed; scene i is generated from (seed, i) alone, so generation is order-free."""
+    hfov_deg: float = 60.0
+    """Horizontal field of view of the rendered views, degrees (ScanNet's depth camera: ~58)."""
+    coord_noise: float = 0.003
+    """Std of Gaussian jitter on point coordinates, metres (scanner noise; 0 = exactly on surfaces)."""
 
     def __post_init__(self) -> None:
         _check(self.num_scenes > 0, "num_scenes", "must be > 0")
+        _check(20.0 <= self.hfov_deg <= 120.0, "hfov_deg", "must be in [20, 120] degrees")
+        _check(0.0 <= self.coord_noise <= 0.02, "coord_noise", "must be in [0, 0.02] metres")
         _check(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         _check(self.num_views >= 0, "num_views", "must be >= 0")
         _check(self.image_width >= 8 and self.image_height >= 8, "image_width/height", "must be >= 8")
