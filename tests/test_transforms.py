@@ -327,12 +327,21 @@ def test_mix3d_ors_tags_offsets_regions_and_keeps_links_in_their_scene():
     np.testing.assert_array_equal(mixed["tags"], np.maximum(sa["tags"], sb["tags"]))
     assert mixed["tags"][TABLE] == 1 and mixed["tags"][CHAIR] == 1
     na, va = sa["inverse"].size, sa["images"].shape[0]
-    ra, rb = mixed["region"][:na], mixed["region"][na:]
+    assert mixed["inverse"].size == na + sb["inverse"].size
+    assert mixed["images"].shape[0] == va + sb["images"].shape[0]
+    batch = P.collate([sa, sb])  # Mix3D is on: one student sample, two teacher samples
+    assert batch["scene_id"] == ["a+b"] and batch["teacher_scene_id"] == ["a", "b"]
+    np.testing.assert_array_equal(batch["tags"][0], mixed["tags"])
+    ra, rb = batch["region"][:na], batch["region"][na:]
     assert set(ra[ra >= 0]).isdisjoint(set(rb[rb >= 0]))
     np.testing.assert_array_equal(rb, np.where(sb["region"] >= 0, sb["region"] + sa["region"].max() + 1, -1))
     # links of a's points go to a's views only, b's to b's views only
-    from_a = mixed["link_point"] < na
+    from_a = batch["link_point"] < na
     assert from_a.sum() == sa["link_point"].size and (~from_a).sum() == sb["link_point"].size
-    assert np.all(mixed["link_view"][from_a] < va) and np.all(mixed["link_view"][~from_a] >= va)
-    assert mixed["images"].shape[0] == va + sb["images"].shape[0]
-    assert mixed["inverse"].size == na + sb["inverse"].size
+    assert np.all(batch["link_view"][from_a] < va) and np.all(batch["link_view"][~from_a] >= va)
+    # the student's overlaid cloud: a's voxels where they were, b's moved by its mix_offset voxels
+    pos = batch["coord"][batch["inverse"], 1:].astype(np.int64)
+    shift_a = pos[:na] - sa["coord"][sa["inverse"]]
+    shift_b = pos[na:] - (sb["coord"] + sb["mix_offset"])[sb["inverse"]]
+    assert (shift_a == shift_a[0]).all() and (shift_b == shift_a[0]).all()  # one common frame
+    assert np.abs(sb["mix_offset"][:2]).max() > 0

@@ -241,22 +241,24 @@ def _id_offsets(arrays: list[np.ndarray]) -> list[int]:
 
 
 def _shift_ids(a: np.ndarray, offset: int) -> np.ndarray:
-    a = a.astype(np.int64)
-    return np.where(a >= 0, a + offset, a) if offset else a
+    """int64 copy of an id array with offset added to the ids >= 0 (-1 stays -1)."""
+    out = a.astype(np.int64)
+    if offset:
+        out[out >= 0] += offset
+    return out
 
 
 def mix3d(first: dict, second: dict) -> dict:
     """Mix3D overlay of two student samples (make_sample output, keys without prefix): points
     [first..., second...] with the second scene shifted by its `mix_offset` voxels, voxels merged
-    on the common grid, tags OR-ed, region ids of the second offset past the first's, views
-    [first..., second...] with each scene's links kept to its own views."""
-    n1, v1 = first["inverse"].shape[0], first["images"].shape[0]
+    on the common grid, views [first..., second...], tags OR-ed. Returns the per-side keys only:
+    regions and links are per scene, and `collate` offsets them over the batch exactly as for the
+    teacher (the second scene's region ids come after the first's; each scene's links point
+    only to its own views)."""
     vox = T.merge_voxels([
         (first["coord"], first["feat"], first["count"], first["inverse"]),
         (second["coord"] + second["mix_offset"], second["feat"], second["count"], second["inverse"]),
     ])
-    roff = _id_offsets([first["region"], second["region"]])[1]
-    vroff = _id_offsets([first["view_region"], second["view_region"]])[1]
     return {
         "scene_id": f"{first['scene_id']}+{second['scene_id']}",
         "coord": vox["voxel_coord"], "feat": vox["voxel_feat"], "count": vox["voxel_count"],
@@ -264,83 +266,74 @@ def mix3d(first: dict, second: dict) -> dict:
         "images": np.concatenate([first["images"], second["images"]]),
         "tags": np.maximum(first["tags"], second["tags"]),
         "view_tags": np.maximum(first["view_tags"], second["view_tags"]),
-        "region": np.concatenate([first["region"].astype(np.int64), _shift_ids(second["region"], roff)]),
-        "view_region": np.concatenate([first["view_region"].astype(np.int64),
-                                       _shift_ids(second["view_region"], vroff)]),
-        "link_point": np.concatenate([first["link_point"], second["link_point"] + n1]),
-        "link_view": np.concatenate([first["link_view"], second["link_view"] + v1]),
-        "link_pixel": np.concatenate([first["link_pixel"], second["link_pixel"]]),
     }
-
-
-# uint8 value -> normalised float, per channel: one table lookup per pixel instead of arithmetic.
-_NORMALIZE_LUT = ((np.arange(256, dtype=np.float32)[None, :] / 255.0 - IMAGENET_MEAN[:, None])
-                  / IMAGENET_STD[:, None]).astype(np.float32)
 
 
 def normalize_images(rgb: np.ndarray) -> np.ndarray:
     """uint8 (V, H, W, 3) -> float32 (V, 3, H, W), ImageNet mean/std normalised."""
-    out = np.empty((rgb.shape[0], 3) + rgb.shape[1:3], np.float32)
-    for c in range(3):
-        out[:, c] = _NORMALIZE_LUT[c][rgb[..., c]]
+    scale = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)[None, :, None, None]
+    bias = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)[None, :, None, None]
+    out = np.ascontiguousarray(rgb.transpose(0, 3, 1, 2)).astype(np.float32)
+    out *= scale
+    out += bias
     return out
 
 
-def _stack(parts: list[dict]) -> dict:
-    """Concatenate per-sample arrays (keys without prefix) into one side of a batch."""
+def _stack_side(parts: list[dict]) -> dict:
+    """One side of a batch from its samples: voxels, points, views and tags with offsets."""
     num_voxels = np.array([p["coord"].shape[0] for p in parts], np.int64)
-    num_points = np.array([p["inverse"].shape[0] for p in parts], np.int64)
-    num_views = np.array([p["images"].shape[0] for p in parts], np.int64)
     voxel_start = np.concatenate([[0], np.cumsum(num_voxels)[:-1]])
-    point_start = np.concatenate([[0], np.cumsum(num_points)[:-1]])
-    view_start = np.concatenate([[0], np.cumsum(num_views)[:-1]])
     coord = np.concatenate([
         np.concatenate([np.full((p["coord"].shape[0], 1), b, np.int32), p["coord"] - p["coord"].min(0)], 1)
         for b, p in enumerate(parts)]).astype(np.int32)
-    region_off = _id_offsets([p["region"] for p in parts])
-    view_region_off = _id_offsets([p["view_region"] for p in parts])
     return {
         "coord": coord,
         "feat": np.concatenate([p["feat"] for p in parts]).astype(np.float32),
         "offset": np.cumsum(num_voxels),
         "inverse": np.concatenate([p["inverse"] + s for p, s in zip(parts, voxel_start)]).astype(np.int64),
-        "point_offset": np.cumsum(num_points),
+        "point_offset": np.cumsum([p["inverse"].shape[0] for p in parts]).astype(np.int64),
         "tags": np.stack([p["tags"] for p in parts]).astype(np.float32),
         "view_tags": np.stack([p["view_tags"] for p in parts]).astype(np.float32),
-        "region": np.concatenate([_shift_ids(p["region"], o) for p, o in zip(parts, region_off)]),
         "images": normalize_images(np.concatenate([p["images"] for p in parts])),
-        "view_offset": np.cumsum(num_views),
-        "link_point": np.concatenate([p["link_point"] + s for p, s in zip(parts, point_start)]).astype(np.int64),
-        "link_view": np.concatenate([p["link_view"] + s for p, s in zip(parts, view_start)]).astype(np.int64),
-        "link_pixel": np.concatenate([p["link_pixel"] for p in parts]).astype(np.int64),
-        "view_region": np.concatenate([_shift_ids(p["view_region"], o)
-                                       for p, o in zip(parts, view_region_off)]),
+        "view_offset": np.cumsum([p["images"].shape[0] for p in parts]).astype(np.int64),
         "scene_id": [str(p["scene_id"]) for p in parts],
     }
 
 
-_SHARED = ("scene_id", "tags", "view_tags", "region", "view_region", "link_point", "link_view", "link_pixel")
+def _stack_scenes(samples: list[dict]) -> dict:
+    """Per-point and per-view arrays of the batch's scenes, in order: the same for both sides."""
+    point_start = np.concatenate([[0], np.cumsum([s["region"].shape[0] for s in samples])[:-1]])
+    view_start = np.concatenate([[0], np.cumsum([s["view_region"].shape[0] for s in samples])[:-1]])
+    region_off = _id_offsets([s["region"] for s in samples])
+    view_region_off = _id_offsets([s["view_region"] for s in samples])
+    out = {
+        "region": np.concatenate([_shift_ids(s["region"], o) for s, o in zip(samples, region_off)]),
+        "view_region": np.concatenate([_shift_ids(s["view_region"], o) for s, o in zip(samples, view_region_off)]),
+        "link_point": np.concatenate([s["link_point"] + o for s, o in zip(samples, point_start)]).astype(np.int64),
+        "link_view": np.concatenate([s["link_view"] + o for s, o in zip(samples, view_start)]).astype(np.int64),
+        "link_pixel": np.concatenate([s["link_pixel"] for s in samples]).astype(np.int64),
+    }
+    if "label" in samples[0]:
+        out["label"] = np.concatenate([s["label"] for s in samples]).astype(np.int64)
+        out["view_label"] = np.concatenate([s["view_label"] for s in samples]).astype(np.int64)
+    return out
 
 
 def collate(samples: list[dict]) -> dict:
     """Batch per-scene samples (make_sample outputs, in order) following the BATCH CONTRACT."""
     if not samples:
         raise PipelineError("collate: no samples")
-    train = "teacher_coord" in samples[0]
-    if not train:
-        batch = _stack(samples)
-        if "label" in samples[0]:
-            batch["label"] = np.concatenate([s["label"] for s in samples]).astype(np.int64)
-            batch["view_label"] = np.concatenate([s["view_label"] for s in samples]).astype(np.int64)
-        return batch
-    teacher = [{**{k: s[k] for k in _SHARED}, **{k: s["teacher_" + k] for k in SIDE_KEYS}} for s in samples]
-    student = [{**{k: s[k] for k in _SHARED}, **{k: s[k] for k in SIDE_KEYS}, "mix_offset": s["mix_offset"]}
-               for s in samples]
+    scenes = _stack_scenes(samples)
+    if "teacher_coord" not in samples[0]:
+        return {**_stack_side(samples), **scenes}
+    teacher = [{**s, **{k: s["teacher_" + k] for k in SIDE_KEYS}} for s in samples]
+    student = list(samples)
     if bool(samples[0]["mix3d"]):
-        pairs = [student[i:i + 2] for i in range(0, len(student), 2)]
-        student = [mix3d(*p) if len(p) == 2 else p[0] for p in pairs]
-    batch = _stack(student)
-    batch.update({"teacher_" + k: v for k, v in _stack(teacher).items()})
+        student = [mix3d(*student[i:i + 2]) if i + 1 < len(student) else student[i]
+                   for i in range(0, len(student), 2)]
+    batch = {**_stack_side(student), **scenes}
+    # The teacher's per-point / per-view arrays are the very same (point i is point i).
+    batch.update({"teacher_" + k: v for k, v in {**_stack_side(teacher), **scenes}.items()})
     return batch
 
 
