@@ -272,3 +272,17 @@ def test_bad_input_names_the_path_or_scene(tmp_path):
         shards.read_scene(not_parquet)
     with pytest.raises(FileNotFoundError, match="shard .*ghost.parquet does not exist"):
         shards.read_scene(tmp_path / "train" / "ghost.parquet")
+
+
+def test_views_are_per_view_values_so_readers_can_decode_a_subset(tmp_path):
+    scene = make_scene(views=3)
+    path = shards.write_scene(tmp_path, scene)
+    row = pq.read_table(path).to_pylist()[0]
+    per_view = [k for k in row if shards.per_view(k)]
+    assert sorted(per_view) == ["view_depth", "view_label", "view_region_pointwise", "view_rgb"]
+    chosen = [2, 0]
+    subset = {k: ([v[i] for i in chosen] if shards.per_view(k) else v) for k, v in row.items()}
+    got = shards.row_to_scene(subset)
+    np.testing.assert_array_equal(got["view_region_pointwise"], scene["view_region_pointwise"][chosen])
+    np.testing.assert_array_equal(got["view_label"], scene["view_label"][chosen])
+    assert got["view_rgb"].shape == (2, 24, 32, 3)

@@ -11,11 +11,13 @@ Row columns (column name = scene key, so ``read_parquet(columns=...)`` selects s
 - ``scene_id``, ``split``: strings;
 - ``schema_version``, ``num_points``, ``num_views``, ``image_height``, ``image_width``: integers,
   bookkeeping that lets readers size things without decoding (not scene keys);
-- ``view_rgb`` / ``view_depth`` / ``view_label``: list<binary>, one encoded image per view:
-  JPEG (quality 90), 16-bit PNG in millimetres (0 = invalid), 8-bit PNG;
+- per-view columns, list<binary> with one value per view, so a reader can decode only the views
+  it samples (``per_view(key)``): ``view_rgb`` JPEG (quality 90), ``view_depth`` 16-bit PNG in
+  millimetres (0 = invalid), ``view_label`` 8-bit PNG, ``view_region_<m>`` ``.npy`` of int32
+  (lossless; region ids may exceed 16 bits);
 - every other array (coord, color, normal, label, instance, tags, view_pose, view_intrinsics,
-  view_frame, region_<m>, view_region_<m>, any extra array a dataset adds): binary holding the
-  ``.npy`` encoding of the array (dtype and shape travel with it, exact), compressed by Parquet.
+  view_frame, region_<m>, any extra array a dataset adds): binary holding the ``.npy`` encoding
+  of the array (dtype and shape travel with it, exact), compressed by Parquet (zstd).
 
 Writes are atomic (a hidden temp file in the same folder, then ``os.replace``), so a reader
 never sees a half-written shard under a scene's name.
@@ -60,6 +62,12 @@ BOOKKEEPING_COLUMNS = ("schema_version", "num_points", "num_views", "image_heigh
 
 # Views stored as one encoded image per view.
 IMAGE_COLUMNS = ("view_rgb", "view_depth", "view_label")
+
+
+def per_view(key: str) -> bool:
+    """True for columns stored as a list with one value per view (images and view regions):
+    a reader may keep only the sampled views' values before ``row_to_scene``."""
+    return key in IMAGE_COLUMNS or key.startswith("view_region_")
 
 # dtypes of the scene contract; region_* / view_region_* are int32 too.
 CONTRACT_DTYPES = {
@@ -128,8 +136,10 @@ def _npy_array(data: Any, where: str) -> np.ndarray:
         raise ShardError(f"{where}: cannot decode array ({type(exc).__name__}: {exc})") from None
 
 
-def _encode_image(key: str, img: np.ndarray) -> bytes:
+def _encode_view(key: str, img: np.ndarray) -> bytes:
     buf = io.BytesIO()
+    if key.startswith("view_region_"):
+        return _npy_bytes(img)
     if key == "view_rgb":
         Image.fromarray(img).save(buf, format="JPEG", quality=JPEG_QUALITY)
     elif key == "view_depth":
@@ -143,7 +153,9 @@ def _encode_image(key: str, img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _decode_image(key: str, data: Any, where: str) -> np.ndarray:
+def _decode_view(key: str, data: Any, where: str) -> np.ndarray:
+    if key.startswith("view_region_"):
+        return _npy_array(data, where)
     try:
         with Image.open(io.BytesIO(bytes(data))) as im:
             im.load()
@@ -185,13 +197,11 @@ def scene_to_row(scene: dict) -> dict:
         if not isinstance(value, (np.ndarray, np.generic, list, tuple, int, float)):
             raise SceneError(f"scene {sid}: {key}: cannot store a {type(value).__name__}")
         arr = _conform(sid, key, value)
-        if key in IMAGE_COLUMNS:
-            if key != "view_rgb" and arr.shape[:3] != (v, h, w):
+        if per_view(key):
+            if key != "view_rgb" and arr.shape != (v, h, w):
                 raise SceneError(f"scene {sid}: {key}: expected shape {(v, h, w)}, got {arr.shape}")
-            row[key] = [_encode_image(key, img) for img in arr]
+            row[key] = [_encode_view(key, img) for img in arr]
         else:
-            if key.startswith("view_region_") and arr.shape != (v, h, w):
-                raise SceneError(f"scene {sid}: {key}: expected shape {(v, h, w)}, got {arr.shape}")
             row[key] = _npy_bytes(arr)
     return row
 
@@ -230,8 +240,10 @@ def row_to_scene(row: dict, columns: list[str] | None = None) -> dict:
         value = _value(row, key)
         if isinstance(value, str):
             scene[key] = value
-        elif key in IMAGE_COLUMNS:
-            images = [_decode_image(key, data, f"{where}[{i}]") for i, data in enumerate(value)]
+        elif per_view(key) and isinstance(value, (bytes, bytearray)):
+            scene[key] = _npy_array(value, where)  # one whole-array value (early shards did this)
+        elif per_view(key):
+            images = [_decode_view(key, data, f"{where}[{i}]") for i, data in enumerate(value)]
             if images:
                 shapes = {img.shape[:2] for img in images}
                 if len(shapes) != 1:
@@ -240,7 +252,7 @@ def row_to_scene(row: dict, columns: list[str] | None = None) -> dict:
             else:
                 h, w = (int(row.get(k) or 0) for k in ("image_height", "image_width"))
                 shape = (0, h, w, 3) if key == "view_rgb" else (0, h, w)
-                scene[key] = np.zeros(shape, dtype=CONTRACT_DTYPES[key])
+                scene[key] = np.zeros(shape, dtype=_contract_dtype(key))
         else:
             scene[key] = _npy_array(value, where)
     return scene
@@ -403,8 +415,7 @@ def update_scene(path: str | Path, new_values: dict) -> None:
         if arr.shape != tuple(expect):
             raise SceneError(f"scene {sid}: {key}: expected shape {tuple(expect)}, got {arr.shape} "
                              f"(shard {path})")
-        new_row[key] = ([_encode_image(key, img) for img in arr] if key in IMAGE_COLUMNS
-                        else _npy_bytes(arr))
+        new_row[key] = [_encode_view(key, img) for img in arr] if per_view(key) else _npy_bytes(arr)
     for key, value in new_row.items():
         column = pa.array([value], type=_arrow_type(key, value))
         if key in table.column_names:
@@ -600,7 +611,7 @@ def _schema_problems(path: Path, schema: pa.Schema) -> list[str]:
             ok = pa.types.is_integer(field.type)
         elif field.name in ("scene_id", "split"):
             ok = pa.types.is_string(field.type)
-        elif field.name in IMAGE_COLUMNS:
+        elif per_view(field.name):
             ok = pa.types.is_list(field.type) and pa.types.is_binary(field.type.value_type)
         else:
             ok = pa.types.is_binary(field.type) or pa.types.is_string(field.type)
