@@ -97,7 +97,8 @@ class DataConfig:
     image_height: int = 240
     """Height the views are resized to before the 2D branch."""
     region_column: str = "shape_detection"
-    """Partition method whose region ids feed RPC and pseudo-labels (a shard column region_<name>)."""
+    """Partition method whose region ids feed RPC and pseudo-labels (shard columns region_<name> and
+    view_region_<name>); '' = no regions (every id -1, floor/wall/ceiling removal skipped)."""
     max_points: int = 0
     """Randomly subsample training scenes to at most this many points (0 = keep all)."""
     monitor_scenes: int = 8

@@ -457,16 +457,27 @@ def _read_row(path: Path, columns: list[str]) -> dict:
     return table.to_pylist()[0]
 
 
+def iter_samples_from_plan(p: DatasetPlan, cfg: Config, epoch: int, seed: int) -> Iterator[dict]:
+    """Per-scene samples of the plan's shards (e.g. one rank's slice of plan(...).paths), in
+    order, computed in this process. epoch and seed must be the ones the plan was made with."""
+    for path in p.paths:
+        try:
+            yield sample_from_row(_read_row(path, p.read_columns), p.columns, cfg, p.mode, epoch, seed,
+                                  p.class_names)
+        except shards.ShardError as exc:
+            raise shards.ShardError(f"shard {path}: {exc}") from None
+
+
+def iter_batches_from_plan(p: DatasetPlan, cfg: Config, epoch: int, seed: int, batch_size: int) -> Iterator[dict]:
+    """Collated batches of the plan's shards in a plain Python loop."""
+    yield from _batches(iter_samples_from_plan(p, cfg, epoch, seed), batch_size)
+
+
 def iter_samples(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0,
                  seed: int | None = None) -> Iterator[dict]:
     """Per-scene samples of one pass, in epoch order, computed in this process."""
-    p = plan(root, split, cfg, mode, epoch, seed)
     seed = cfg.seed if seed is None else seed
-    for path in p.paths:
-        try:
-            yield sample_from_row(_read_row(path, p.read_columns), p.columns, cfg, mode, epoch, seed, p.class_names)
-        except shards.ShardError as exc:
-            raise shards.ShardError(f"shard {path}: {exc}") from None
+    yield from iter_samples_from_plan(plan(root, split, cfg, mode, epoch, seed), cfg, epoch, seed)
 
 
 def iter_batches(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0, seed: int | None = None,
@@ -495,17 +506,24 @@ def ray_dataset(root: str | Path, split: str, cfg: Config, mode: str, epoch: int
     """The per-scene part of the pipeline as a lazy ray.data.Dataset of samples, in epoch order:
     read_parquet (needed columns only, one row per shard) -> map(sample_from_row: decode +
     make_sample). Batch it with iter_batches_ray. Checks the dataset (plan) before Ray starts work."""
+    seed = cfg.seed if seed is None else seed
+    return ray_dataset_from_plan(plan(root, split, cfg, mode, epoch, seed), cfg, epoch, seed)
+
+
+def ray_dataset_from_plan(p: DatasetPlan, cfg: Config, epoch: int, seed: int):
+    """ray_dataset over the plan's shards (e.g. one rank's slice of plan(...).paths), in order.
+    epoch and seed must be the ones the plan was made with."""
     import ray.data
 
-    p = plan(root, split, cfg, mode, epoch, seed)
-    seed = cfg.seed if seed is None else seed
+    if not p.paths:
+        raise PipelineError(f"{p.root}: the plan for split {p.split!r} has no shards")
     configure_ray_data(cfg)
     ds = ray.data.read_parquet([str(x) for x in p.paths]).select_columns(p.read_columns)  # pushed into the read
-    return ds.map(functools.partial(sample_from_row, columns=p.columns, cfg=cfg, mode=mode, epoch=epoch,
+    return ds.map(functools.partial(sample_from_row, columns=p.columns, cfg=cfg, mode=p.mode, epoch=epoch,
                                     seed=seed, class_names=p.class_names))
 
 
-def _from_ray_row(row: Any) -> dict:
+def from_ray_row(row: Any) -> dict:
     """A Ray Data row back to a plain sample dict (numpy arrays, str, bool)."""
     out = {}
     for k, v in dict(row).items():
@@ -518,4 +536,7 @@ def _from_ray_row(row: Any) -> dict:
 def iter_batches_ray(data: Any, batch_size: int) -> Iterator[dict]:
     """Collated batches (the BATCH CONTRACT) from a ray_dataset(...) Dataset or a Ray Train
     dataset shard (anything with iter_rows), grouping consecutive samples."""
-    yield from _batches((_from_ray_row(r) for r in data.iter_rows()), batch_size)
+    yield from _batches((from_ray_row(r) for r in data.iter_rows()), batch_size)
+
+
+_from_ray_row = from_ray_row  # the name rayseg/pseudo.py first used
