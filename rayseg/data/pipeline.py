@@ -431,13 +431,19 @@ def sample_from_row(row: dict, columns: list[str], cfg: Config, mode: str, epoch
     meta = shards.row_to_scene(row, [c for c in columns if c in VIEW_META_COLUMNS])
     chosen = T.sample_views(meta, cfg.data.num_views, rng if mode == "train" else None)
     num_stored = meta["view_pose"].shape[0]
-    for k in shards.IMAGE_COLUMNS:
-        if k in row and len(row[k]) != num_stored:
-            raise shards.ShardError(f"scene {sid}: {k}: {len(row[k])} images for {num_stored} view poses")
-    row = {k: ([v[i] for i in chosen] if k in shards.IMAGE_COLUMNS else v) for k, v in row.items()}
-    scene = shards.row_to_scene(row, columns)
-    for k in list(scene):
-        if k in VIEW_META_COLUMNS or k.startswith("view_region_"):
+    sliced, whole = dict(row), list(VIEW_META_COLUMNS)
+    for k, v in row.items():
+        if not shards.per_view(k):
+            continue
+        if isinstance(v, (bytes, bytearray)):  # one whole (V, H, W) array: slice after decoding
+            whole.append(k)
+            continue
+        if len(v) != num_stored:
+            raise shards.ShardError(f"scene {sid}: {k}: {len(v)} values for {num_stored} view poses")
+        sliced[k] = [v[i] for i in chosen]
+    scene = shards.row_to_scene(sliced, columns)
+    for k in whole:
+        if k in scene:
             scene[k] = scene[k][chosen]
     return make_sample(scene, cfg, rng, mode, class_names, views=np.arange(len(chosen)))
 
