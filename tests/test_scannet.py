@@ -88,6 +88,19 @@ def test_nyu40_mapping():
     assert scannet.nyu40_to_scannet20(ids).tolist() == [0, 1, 255, 12, 19, 255, 255, 18]
 
 
+def test_instances_from_aggregation_and_segments(tmp_path):
+    import json
+
+    (tmp_path / "s_vh_clean_2.0.010000.segs.json").write_text(json.dumps({"segIndices": [5, 5, 9, 7, 9, 3]}))
+    (tmp_path / "s.aggregation.json").write_text(json.dumps({"segGroups": [
+        {"id": 0, "objectId": 0, "segments": [5], "label": "chair"},
+        {"id": 1, "objectId": 1, "segments": [9, 3], "label": "table"}]}))
+    assert scannet.read_instances(tmp_path, "s", 6).tolist() == [0, 0, 1, -1, 1, 1]
+    with pytest.raises(ValueError, match="6 segIndices for 4 mesh vertices"):
+        scannet.read_instances(tmp_path, "s", 4)
+    assert scannet.read_instances(tmp_path, "other", 3).tolist() == [-1, -1, -1]
+
+
 def test_axis_alignment_file(tmp_path):
     p = tmp_path / "s.txt"
     p.write_text("colorHeight = 968\naxisAlignment = " + " ".join(map(str, range(16))) + "\n")
