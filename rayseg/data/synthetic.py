@@ -207,7 +207,7 @@ class _Geometry:
         surfaces = room.surfaces + room.shell
         self.label = np.array([s[0] for s in surfaces], np.uint8)
         self.instance = np.array([s[1] for s in surfaces], np.int32)
-        self.base = np.array([s[2] for s in surfaces], float)
+        self.base = np.array([s[2] for s in surfaces], np.float32)
         self.freq = np.array([s[3][0] for s in surfaces], np.float32)
         self.phase = np.array([s[3][1] for s in surfaces], np.float32)
         self.amp = np.array([s[3][2] for s in surfaces], np.float32)
@@ -1283,18 +1283,18 @@ def _appearance(geo: _Geometry, surface: np.ndarray, x: np.ndarray, normal: np.n
     shading. Points and pixels both come through here, so 2D and 3D colours agree. With
     normal=None (pixel hit points) the normals are computed from the geometry."""
     if normal is None:
-        normal = np.empty((len(x), 3))
+        normal = np.empty((len(x), 3), np.float32)
         order = np.argsort(surface, kind="stable")
         for idx in np.split(order, np.flatnonzero(np.diff(surface[order])) + 1):  # per surface
             if idx.size:
                 normal[idx] = _normals_on(geo, surface[idx[0]], x[idx])
     # float32 and einsum: this runs on every pixel of every view
-    x32 = x.astype(np.float32)
-    waves = np.sin(np.einsum("nj,nkj->nk", x32, geo.freq[surface]) + geo.phase[surface])
+    x = x.astype(np.float32, copy=False)
+    waves = np.sin(np.einsum("nj,nkj->nk", x, geo.freq[surface]) + geo.phase[surface])
     colour = geo.base[surface] + np.einsum("nk,nkc->nc", waves, geo.amp[surface])
-    to_light = geo.light - x
-    to_light /= np.linalg.norm(to_light, axis=1, keepdims=True) + 1e-9
-    lambert = np.clip((normal * to_light).sum(axis=1), 0.0, 1.0)
+    to_light = geo.light.astype(np.float32) - x
+    to_light /= np.sqrt(np.einsum("nc,nc->n", to_light, to_light))[:, None] + 1e-9
+    lambert = np.clip(np.einsum("nc,nc->n", normal.astype(np.float32, copy=False), to_light), 0.0, 1.0)
     return colour * (_AMBIENT + (1 - _AMBIENT) * lambert)[:, None], normal
 
 
@@ -1514,8 +1514,7 @@ def _render_views(geo: _Geometry, cfg: SyntheticConfig, rng: np.random.Generator
     for j in range(v):
         depth, surface, dirs = _cast(geo, poses[j], k, w, h)
         hit = surface >= 0
-        t = depth[hit].astype(float)
-        x = poses[j, :3, 3] + t[:, None] * np.stack([d[hit] for d in dirs], axis=1).astype(float)
+        x = poses[j, :3, 3].astype(np.float32) + depth[hit][:, None] * np.stack([d[hit] for d in dirs], axis=1)
         sid = surface[hit]
         colour, _ = _appearance(geo, sid, x)
         out["view_rgb"][j][hit] = _to_u8(colour, rng)
