@@ -119,6 +119,19 @@ def test_rendered_depth_agrees_with_projected_points(scannet_scenes):
         assert linked / visible >= 0.95, (scene["scene_id"], linked / visible)
 
 
+def test_shared_linker_agrees_with_the_generator(scannet_scenes):
+    from rayseg.data.linking import link_points
+
+    for scene in scannet_scenes[:2]:
+        for v in range(scene["view_depth"].shape[0]):
+            point, pixel = link_points(scene["coord"], scene["view_depth"][v], scene["view_pose"][v],
+                                       scene["view_intrinsics"][v], VOXEL)
+            mine, _, _, _ = links(scene, v)
+            assert abs(len(point) - len(mine)) <= 0.001 * len(mine) + 2  # same projection conventions
+            same = scene["view_label"][v].reshape(-1)[pixel] == scene["label"][point]
+            assert same.mean() >= 0.95, (scene["scene_id"], v, same.mean())
+
+
 def back_project(scene, v, mask):
     """World coordinates of the pixels in mask, from depth (camera z), intrinsics and pose."""
     row, col = np.nonzero(mask)
