@@ -315,7 +315,8 @@ class _Room:
         paint = self.draw_colour("wall")
         walls = [(self.label_of("wall"), self.new_instance(),
                   np.clip(paint + rng.normal(0, 0.01, 3), 0, 1), self.texture("wall")) for _ in range(4)]
-        floor = (self.label_of("floor"), self.new_instance(), self.draw_colour("floor"), self.texture("floor"))
+        floor = (self.label_of("floor"), self.new_instance(), self.draw_colour("floor"),
+                 self.texture("floor"))
         top = (self.label_of("ceiling") if ceiling else IGNORE_LABEL,
                self.new_instance() if ceiling else -1, self.draw_colour("ceiling"), self.texture("ceiling"))
         self.shell = walls + [floor, top]
@@ -341,7 +342,8 @@ class _Room:
         freq = direction * (2 * math.pi / wavelength)[:, None]
         phase = self.rng.uniform(0, 2 * math.pi, k)
         chroma = 0.6 if kind in _PATTERNED else 0.2
-        amp = strength * (self.rng.uniform(0.4, 1.0, (k, 1)) + chroma * self.rng.normal(size=(k, 3))) / math.sqrt(k)
+        grey = self.rng.uniform(0.4, 1.0, (k, 1))  # brightness waves, plus some hue for patterns
+        amp = strength * (grey + chroma * self.rng.normal(size=(k, 3))) / math.sqrt(k)
         return freq, phase, amp
 
     # -- primitives ---------------------------------------------------------------------------
@@ -1514,7 +1516,8 @@ def _render_views(geo: _Geometry, cfg: SyntheticConfig, rng: np.random.Generator
     for j in range(v):
         depth, surface, dirs = _cast(geo, poses[j], k, w, h)
         hit = surface >= 0
-        x = poses[j, :3, 3].astype(np.float32) + depth[hit][:, None] * np.stack([d[hit] for d in dirs], axis=1)
+        ray = np.stack([d[hit] for d in dirs], axis=1)
+        x = poses[j, :3, 3].astype(np.float32) + depth[hit][:, None] * ray  # hit points (depth = t)
         sid = surface[hit]
         colour, _ = _appearance(geo, sid, x)
         out["view_rgb"][j][hit] = _to_u8(colour, rng)
