@@ -23,6 +23,9 @@ from scipy.spatial import cKDTree
 from rayseg.data.scene import NO_REGION
 
 
+PCA_CHUNK = 262_144  # points per PCA chunk (memory bound for multi-million-point rooms)
+
+
 class PartitionError(ValueError):
     """The input of a partition cannot be partitioned; the message names the scene/view."""
 
@@ -83,7 +86,8 @@ def unique_points(coord: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(first index of each distinct coordinate, inverse map point -> distinct index).
 
     Exact duplicates are one point for the partition (they get the same region)."""
-    rows = np.ascontiguousarray(coord, dtype=np.float32).view(np.dtype((np.void, 12))).ravel()
+    # + 0.0 turns -0.0 into 0.0, so equal coordinates also have equal bytes.
+    rows = (np.ascontiguousarray(coord, dtype=np.float32) + np.float32(0)).view(np.dtype((np.void, 12))).ravel()
     _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
     order = np.argsort(first, kind="stable")  # keep the original point order among distinct points
     rank = np.empty_like(order)
@@ -142,11 +146,14 @@ def sym3_smallest(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def pca_normals(coord: np.ndarray, knn: np.ndarray,
                 viewpoint: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(unit normals (N, 3) float32, curvature (N,) float32) by PCA over each point and its kNN."""
-    nb = np.concatenate([coord[:, None, :], coord[knn]], axis=1)  # (N, k+1, 3)
-    centred = nb - nb.mean(axis=1, keepdims=True)
-    cov = np.einsum("nki,nkj->nij", centred, centred)
-    evals, normal = sym3_smallest(cov)
-    normal = normal.astype(np.float32)
+    n = coord.shape[0]
+    evals = np.empty((n, 3))
+    normal = np.empty((n, 3), np.float32)
+    for lo in range(0, n, PCA_CHUNK):  # chunks bound the (chunk, k+1, 3) temporaries
+        hi = min(lo + PCA_CHUNK, n)
+        nb = np.concatenate([coord[lo:hi, None, :], coord[knn[lo:hi]]], axis=1)
+        centred = nb - nb.mean(axis=1, keepdims=True)
+        evals[lo:hi], normal[lo:hi] = sym3_smallest(np.einsum("nki,nkj->nij", centred, centred))
     total = evals.sum(axis=1)
     curvature = np.where(total > 0, evals[:, 0] / np.where(total > 0, total, 1), 0).astype(np.float32)
     return orient_normals(coord, normal, viewpoint), np.maximum(curvature, 0)
@@ -198,6 +205,27 @@ def knn_edges(knn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Directed kNN edges (src, dst) as flat int64 arrays."""
     n, k = knn.shape
     return np.repeat(np.arange(n, dtype=np.int64), k), knn.reshape(-1)
+
+
+class Adjacency:
+    """Directed edges grouped by source (CSR), to gather the edges leaving a set of nodes in
+    time proportional to their number."""
+
+    def __init__(self, src: np.ndarray, dst: np.ndarray, n: int):
+        order = np.argsort(src, kind="stable")
+        self.src, self.dst = src[order], dst[order]
+        self.start = np.zeros(n + 1, np.int64)
+        np.cumsum(np.bincount(src, minlength=n), out=self.start[1:])
+
+    def edges_from(self, nodes: np.ndarray) -> np.ndarray:
+        """Indices (into self.src / self.dst) of every edge leaving ``nodes``."""
+        lo, hi = self.start[nodes], self.start[nodes + 1]
+        count = hi - lo
+        total = int(count.sum())
+        if total == 0:
+            return np.zeros(0, np.int64)
+        offset = np.repeat(lo - np.cumsum(count) + count, count)
+        return offset + np.arange(total)
 
 
 def components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:

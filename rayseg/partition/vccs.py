@@ -87,7 +87,8 @@ def supervoxels(coord: np.ndarray, color: np.ndarray, normal: np.ndarray | None,
     cross = vs != vd
     edge = geometry.unique_sorted(np.minimum(vs, vd)[cross] * nv + np.maximum(vs, vd)[cross])
     ea, eb = edge // nv, edge % nv
-    ea, eb = np.concatenate([ea, eb]), np.concatenate([eb, ea])  # both directions
+    graph = geometry.Adjacency(np.concatenate([ea, eb]), np.concatenate([eb, ea]), nv)
+    ea, eb = graph.src, graph.dst  # both directions, grouped by source voxel
 
     # Seeds: per seed cube, the voxel nearest to the mean position of the cube's voxels.
     seed_cell = _cells(vxyz, cfg.vccs_seed_resolution)
@@ -120,10 +121,12 @@ def supervoxels(coord: np.ndarray, color: np.ndarray, normal: np.ndarray | None,
             sxyz = _mean(vxyz[members], owner[members], scount)
             srgb = _mean(vrgb[members], owner[members], scount)
             snormal = geometry.mean_axis(vnormal[members], owner[members], nsv)
-            offer = changed[ea] & (owner[ea] >= 0) & (owner[ea] != owner[eb])
+            e = graph.edges_from(changed[owner[changed] >= 0])
+            src, dst = ea[e], eb[e]
+            offer = owner[src] != owner[dst]
             if not steal:
-                offer &= owner[eb] < 0
-            target, s = eb[offer], owner[ea[offer]]
+                offer &= owner[dst] < 0
+            target, s = dst[offer], owner[src[offer]]
             if target.size == 0:
                 return
             d_new = distance(target, s, sxyz, srgb, snormal)
@@ -140,12 +143,9 @@ def supervoxels(coord: np.ndarray, color: np.ndarray, normal: np.ndarray | None,
             first = np.ones(target.size, bool)
             first[1:] = target[1:] != target[:-1]
             owner[target[first]] = s[first]
-            changed = np.zeros(nv, bool)
-            changed[target[first]] = True
+            changed = target[first]
 
-    seed_mask = np.zeros(nv, bool)
-    seed_mask[seeds] = True
-    expand(seed_mask, int(np.ceil(2 * cfg.vccs_seed_resolution / cfg.vccs_voxel_resolution)) + 2,
+    expand(seeds, int(np.ceil(2 * cfg.vccs_seed_resolution / cfg.vccs_voxel_resolution)) + 2,
            steal=True)
     # Flow constraint: a steal can cut a supervoxel; only its largest connected piece stays,
     # the other pieces are re-claimed (without stealing) by adjacent supervoxels.
@@ -160,7 +160,7 @@ def supervoxels(coord: np.ndarray, color: np.ndarray, normal: np.ndarray | None,
     keep_piece = np.zeros(nv, bool)
     keep_piece[piece[assigned][order][first]] = True
     owner[~keep_piece[piece]] = -1
-    expand(owner >= 0, nv, steal=False)
+    expand(np.nonzero(owner >= 0)[0], nv, steal=False)
     # Voxels no supervoxel reached: one supervoxel per connected group of them.
     free = owner < 0
     orphan = geometry.components(nv, ea[free[ea] & free[eb]], eb[free[ea] & free[eb]])
