@@ -376,6 +376,7 @@ class RoomTask:
     angle: float | None               # from an angle file, None = unknown
     views: list[ViewFiles] = field(default_factory=list)
     opts: S3DISOptions = field(default_factory=S3DISOptions)
+    problem: str = ""                 # found while planning; fails this room only
 
     def __call__(self) -> dict:
         return load_room(self)
@@ -389,6 +390,8 @@ def _native_view(vf: ViewFiles) -> dict:
 
 
 def load_room(task: RoomTask) -> dict:
+    if task.problem:
+        raise ValueError(f"room {task.scene_id}: {task.problem}")
     opts = task.opts
     room_dir = Path(task.room_dir)
     pts = read_room_points(room_dir)
@@ -481,12 +484,12 @@ def plan_tasks(raw: str | Path, images: str | Path | None, opts: S3DISOptions,
         split = "val" if area == f"Area_{opts.val_area}" else "train"
         for room in rooms:
             angle = None if angles is None else angles.get(room)
-            if angles is not None and angle is None:
-                raise ValueError(f"{area}: room {room} has no line in the alignment angle file")
+            problem = (f"no line for {room} in {area}_alignmentAngle.txt"
+                       if angles is not None and angle is None else "")
             if not views.get(room):
                 notes["rooms_without_views"].append(f"{area}/{room}")
             task = RoomTask(str(raw / area / room), f"{area}_{room}", split, points_frame, angle,
-                            views.get(room, []), opts)
+                            views.get(room, []), opts, problem)
             tasks.append(SceneTask(task.scene_id, split, task))
     return tasks, notes
 
