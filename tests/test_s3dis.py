@@ -162,6 +162,10 @@ def test_bad_inputs_are_named(tmp_path):
         s3dis.read_annotation_file(ann / "lamp_1.txt")
     with pytest.raises(FileNotFoundError, match="nope"):
         s3dis.plan_tasks(tmp_path / "nope", None, s3dis.S3DISOptions())
+    write_angle_file(tmp_path, "Area_1", {"room_2": 90})
+    (task,), _ = s3dis.plan_tasks(tmp_path, None, s3dis.S3DISOptions())
+    with pytest.raises(ValueError, match="Area_1_room_1: no line for room_1 in Area_1_alignmentAngle.txt"):
+        task.make()
     assert cli.main(["prepare", "s3dis", "--raw", str(tmp_path), "--images", str(tmp_path / "no_images"),
                      "--out", str(tmp_path / "out")]) == 2
 
