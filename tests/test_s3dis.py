@@ -10,7 +10,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np
 import pytest
 
-from fixtures_raw import (transform, truth_scene, write_2d3ds_views, write_angle_file,
+from fixtures_raw import (truth_scene, write_2d3ds_views, write_angle_file,
                           write_s3dis_room)
 from rayseg import cli
 from rayseg.data import s3dis, shards

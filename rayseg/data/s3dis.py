@@ -57,7 +57,6 @@ inwards).
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import dataclass, field
