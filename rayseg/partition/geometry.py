@@ -107,7 +107,7 @@ def knn_graph(coord: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def sym3_smallest(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(eigenvalues ascending (N, 3), unit eigenvector of the smallest (N, 3)) of symmetric 3x3
     matrices, in closed form (trigonometric solution of the characteristic cubic; the vector is
-    the largest cross product of two rows of A - l0 I). ~5x faster than np.linalg.eigh on many
+    the largest cross product of two rows of A - l0 I). ~2x faster than np.linalg.eigh on many
     small matrices. Degenerate cases (a row space of rank <= 1) get a vector orthogonal to the
     largest row."""
     a = cov.astype(np.float64, copy=False)
@@ -250,13 +250,16 @@ def dense_labels(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def mean_axis(normal: np.ndarray, group: np.ndarray, num_groups: int) -> np.ndarray:
+def mean_axis(normal: np.ndarray, group: np.ndarray, num_groups: int,
+              reference: np.ndarray | None = None) -> np.ndarray:
     """Unit mean normal of each group, sign-free: every normal is first flipped to agree with
-    its group's first member, so opposite orientations of one surface do not cancel.
-    Empty groups give zeros."""
-    first = np.full(num_groups, -1, np.int64)
-    first[group[::-1]] = np.arange(group.size)[::-1]
-    ref = normal[first[group]]
+    its group's reference (default: the group's first member), so opposite orientations of one
+    surface do not cancel. Empty groups give zeros."""
+    if reference is None:
+        _, inverse, first = group_ids(group, stable=True)
+        ref = normal[first[inverse]]
+    else:
+        ref = reference[group]
     sign = np.where(np.einsum("ij,ij->i", normal, ref) < 0, -1.0, 1.0)
     total = np.stack([np.bincount(group, sign * normal[:, a], num_groups) for a in range(3)], axis=1)
     norm = np.linalg.norm(total, axis=1, keepdims=True)

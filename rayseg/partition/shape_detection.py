@@ -21,10 +21,13 @@ Exact semantics (d = ``sd_max_distance``, a = ``sd_max_angle_deg``, k = ``knn``)
 4. *Coplanar merging*: two regions joined by a kNN edge merge when the least-squares plane of
    their union has an RMS point distance <= d / 2 (an even spread of points within d of a plane
    has RMS d / sqrt(3); half of d keeps merged regions clearly planar) and, when both have more
-   than k points, their plane normals are within a. Merging runs in rounds; in each round every
-   region picks its compatible neighbour of lowest union RMS and mutually-picked pairs merge
-   (deterministic, and no chain of merges can bend a region around a curved surface, because
-   every test is on the union's own plane). Seeds of one plane therefore end as one region.
+   than k points, their plane normals are within a. Merging runs in rounds: every region
+   proposes its compatible neighbour of lowest union RMS (ties: lowest id); each connected
+   group of proposals merges at once if the group's own least-squares plane passes the same
+   tests (RMS <= d / 2, normal of every member of more than k points within a), otherwise
+   only its mutually-proposed pairs merge (the globally best pair is always one, so every
+   round merges). Every test is on the merged set's own plane, so no chain of merges can bend
+   a region around a curved surface; the seeds of one plane end as one region.
 5. A region whose points are collinear (standard deviation across its main axis <= d: a row
    of points along an edge fits every plane through it, so it is no planar primitive) and
    regions of fewer than ``sd_min_size`` points are dissolved; then every point without a
@@ -64,26 +67,21 @@ def grow_planes(coord: np.ndarray, normal: np.ndarray, curvature: np.ndarray, kn
     cos_limit = np.cos(np.deg2rad(max_angle_deg))
     x = coord.astype(np.float64) - coord.astype(np.float64).mean(axis=0)
     label = np.full(n, -1, np.int64)
-    # Per-region state, indexed by region id (at most one region per point).
-    centroid = np.zeros((n, 3))
-    plane_n = np.zeros((n, 3))
-    count = np.zeros(n)
-    s1 = np.zeros((n, 3))
-    s2 = np.zeros((n, 3, 3))
-    num_regions = 0
+    # Per-region state, indexed by region id: plane, running moments of the members.
+    centroid, plane_n = np.zeros((0, 3)), np.zeros((0, 3))
+    count, s1, s2 = np.zeros(0), np.zeros((0, 3)), np.zeros((0, 3, 3))
     for _ in range(SEEDING_ROUNDS):
         candidates = np.nonzero(label < 0)[0]
         if candidates.size == 0:
             break
         seeds = _seed_points(x, curvature, candidates, seed_spacing)
-        ids = np.arange(num_regions, num_regions + seeds.size)
-        num_regions += seeds.size
-        label[seeds] = ids
-        centroid[ids] = x[seeds]
-        plane_n[ids] = normal[seeds]
-        count[ids] = 1
-        s1[ids] = x[seeds]
-        s2[ids] = x[seeds][:, :, None] * x[seeds][:, None, :]
+        label[seeds] = np.arange(count.size, count.size + seeds.size)
+        xs = x[seeds]
+        centroid = np.concatenate([centroid, xs])
+        plane_n = np.concatenate([plane_n, normal[seeds]])
+        count = np.concatenate([count, np.ones(seeds.size)])
+        s1 = np.concatenate([s1, xs])
+        s2 = np.concatenate([s2, xs[:, :, None] * xs[:, None, :]])
         frontier = seeds
         while frontier.size:
             region = np.repeat(label[frontier], k)
@@ -158,17 +156,38 @@ def merge_coplanar(coord: np.ndarray, label: np.ndarray, knn: np.ndarray, max_di
         first[1:] = me[1:] != me[:-1]
         best = np.full(num, -1)
         best[me[first]] = other[first]
-        mutual = best[a] == b
-        mutual &= best[b] == a
-        if not mutual.any():
+        # Groups of proposals merge at once when the group's own plane passes both tests;
+        # otherwise only their mutual pairs merge (the globally best pair always is one).
+        proposer = np.nonzero(best >= 0)[0]
+        group = geometry.components(num, proposer, best[proposer])
+        involved = np.zeros(num, bool)
+        involved[proposer] = involved[best[proposer]] = True
+        members = np.nonzero(involved)[0]
+        gid, ginv, _ = geometry.group_ids(group[members])
+        gcount = np.bincount(ginv, count[members], gid.size)
+        gs1 = np.stack([np.bincount(ginv, s1[members, i], gid.size) for i in range(3)], axis=1)
+        gs2 = np.zeros((gid.size, 3, 3))
+        for i in range(3):
+            for j in range(3):
+                gs2[:, i, j] = np.bincount(ginv, s2[members, i, j], gid.size)
+        _, g_n, g_rms, _ = geometry.plane_from_moments(gcount, gs1, gs2)
+        tilted = (count[members] > k) & (np.abs(np.einsum("ij,ij->i", own_n[members], g_n[ginv])) < cos_limit)
+        g_ok = (g_rms <= max_distance / 2) & (np.bincount(ginv, tilted, gid.size) == 0)
+        whole = np.zeros(num, bool)
+        whole[members] = g_ok[ginv]
+        mutual = (best[a] == b) & (best[b] == a)
+        joined = whole[a] & (best[a] == b) | whole[b] & (best[b] == a) | mutual
+        if not joined.any():
             break  # cannot happen (the globally best pair is mutual), kept as a guard
-        keep, drop = a[mutual], b[mutual]
-        count[keep] += count[drop]
-        s1[keep] += s1[drop]
-        s2[keep] += s2[drop]
-        count[drop] = 0
-        new_id = np.arange(num)
-        new_id[drop] = keep
+        link = geometry.components(num, a[joined], b[joined])
+        lowest = np.full(num, num)
+        np.minimum.at(lowest, link, np.arange(num))
+        new_id = lowest[link]  # every merged set takes its lowest region id
+        moved = np.nonzero(new_id != np.arange(num))[0]
+        np.add.at(count, new_id[moved], count[moved])
+        np.add.at(s1, new_id[moved], s1[moved])
+        np.add.at(s2, new_id[moved], s2[moved])
+        count[moved] = 0
         root = new_id[root]
         pa, pb = new_id[pairs // num], new_id[pairs % num]
         differ = pa != pb

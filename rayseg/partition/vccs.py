@@ -120,7 +120,7 @@ def supervoxels(coord: np.ndarray, color: np.ndarray, normal: np.ndarray | None,
             members = np.nonzero(assigned)[0]
             sxyz = _mean(vxyz[members], owner[members], scount)
             srgb = _mean(vrgb[members], owner[members], scount)
-            snormal = geometry.mean_axis(vnormal[members], owner[members], nsv)
+            snormal = geometry.mean_axis(vnormal[members], owner[members], nsv, vnormal[seeds])
             e = graph.edges_from(changed[owner[changed] >= 0])
             src, dst = ea[e], eb[e]
             offer = owner[src] != owner[dst]
