@@ -46,7 +46,7 @@ PARAMS = {
     GT_METHOD: gt.PARAMS,
 }
 # Bumped when an algorithm's output changes for the same parameters (invalidates stored columns).
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2
 
 
 def is_oracle(method: str) -> bool:

@@ -69,11 +69,10 @@ def _spread_seeds(xyz: np.ndarray, seeds: np.ndarray, min_gap: float) -> np.ndar
 
 
 def supervoxels(coord: np.ndarray, color: np.ndarray, normal: np.ndarray | None,
-                cfg: PartitionConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(supervoxel id per point (N,) int64 dense, knn (N, k), unit normals (N, 3)).
-
-    The kNN graph and normals are returned for vccs_rg, which works on the same graph."""
-    knn, normal, _ = geometry.local_geometry(coord, normal, cfg.knn)
+                cfg: PartitionConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(supervoxel id per point (N,) int64 dense, knn (N, k), unit normals (N, 3),
+    PCA curvature (N,)). The point geometry is returned for vccs_rg, which reuses it."""
+    knn, normal, curvature = geometry.local_geometry(coord, normal, cfg.knn)
     x = coord.astype(np.float64) - coord.astype(np.float64).mean(axis=0)
     voxel = _cells(x, cfg.vccs_voxel_resolution)
     nv = int(voxel.max()) + 1
@@ -165,12 +164,12 @@ def supervoxels(coord: np.ndarray, color: np.ndarray, normal: np.ndarray | None,
     free = owner < 0
     orphan = geometry.components(nv, ea[free[ea] & free[eb]], eb[free[ea] & free[eb]])
     label = np.where(free, nsv + orphan, owner)
-    return geometry.dense_labels(label[voxel]).astype(np.int64), knn, normal
+    return geometry.dense_labels(label[voxel]).astype(np.int64), knn, normal, curvature
 
 
 def partition(coord: np.ndarray, color: np.ndarray, normal: np.ndarray | None,
               cfg: PartitionConfig) -> np.ndarray:
     """Supervoxel ids (N,) int32, every point labelled. Expects distinct, finite points (use
     rayseg.partition.partition_points for raw input)."""
-    label, _, _ = supervoxels(coord, color, normal, cfg)
+    label = supervoxels(coord, color, normal, cfg)[0]
     return label.astype(np.int32)

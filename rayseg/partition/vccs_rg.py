@@ -1,13 +1,13 @@
 """VCCS + region growing: region growing over the supervoxel adjacency graph (Table 4 "VCCS+RG").
 
 Exact semantics: VCCS supervoxels (rayseg.partition.vccs) are the nodes; two supervoxels are
-adjacent when a kNN edge joins their points. A supervoxel's normal and curvature come from the
-least-squares plane of its points (curvature = l0 / (l0 + l1 + l2) of their covariance; a
-supervoxel of at most ``knn`` points takes its mean point normal and counts as not smooth). The
-region growing of rayseg.partition.region_growing (steps 1-4: ``rg_smoothness_deg``,
-``rg_curvature_threshold``) then runs on that graph. Supervoxels are the atoms, so there is no
-minimum size: a supervoxel that merges with nothing stays its own region and every point has a
-region.
+adjacent when a kNN edge joins their points. A supervoxel's normal is the sign-free mean of its
+points' normals and its curvature the mean of its points' PCA curvatures (both stay meaningful
+for supervoxels of a few points, e.g. on sparsely sampled scenes, where a plane fit to the
+supervoxel's own points would not). The region growing of rayseg.partition.region_growing
+(steps 1-4: ``rg_smoothness_deg``, ``rg_curvature_threshold``) then runs on that graph.
+Supervoxels are the atoms, so there is no minimum size: a supervoxel that merges with nothing
+stays its own region and every point has a region.
 """
 
 from __future__ import annotations
@@ -25,16 +25,10 @@ def partition(coord: np.ndarray, color: np.ndarray, normal: np.ndarray | None,
               cfg: PartitionConfig) -> np.ndarray:
     """Region ids (N,) int32, every point labelled. Expects distinct, finite points (use
     rayseg.partition.partition_points for raw input)."""
-    sv, knn, point_normal = vccs.supervoxels(coord, color, normal, cfg)
+    sv, knn, point_normal, point_curvature = vccs.supervoxels(coord, color, normal, cfg)
     num = int(sv.max()) + 1
-    mom = geometry.Moments(coord, sv, num, coord.astype(np.float64).mean(axis=0))
-    _, sv_normal, _, sv_curvature = geometry.plane_from_moments(mom.count, mom.s1, mom.s2)
-    # A stable plane fit needs more than k points: smaller supervoxels take their mean point
-    # normal and never grow (they only attach to a neighbour).
-    tiny = mom.count <= cfg.knn
-    if tiny.any():
-        sv_normal[tiny] = geometry.mean_axis(point_normal, sv, num)[tiny]
-        sv_curvature[tiny] = 1.0
+    sv_normal = geometry.mean_axis(point_normal, sv, num)
+    sv_curvature = np.bincount(sv, point_curvature, num) / np.bincount(sv, minlength=num)
     src, dst = geometry.knn_edges(knn)
     a, b = sv[src], sv[dst]
     cross = a != b
