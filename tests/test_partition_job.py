@@ -26,6 +26,9 @@ SYN = SyntheticConfig(num_scenes=3, num_views=2, image_width=64, image_height=48
 def local_ray():
     import ray
 
+    if ray.is_initialized():  # another module's Ray is still up: share it, leave it running
+        yield
+        return
     ray.init(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()

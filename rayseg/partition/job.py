@@ -75,13 +75,13 @@ def partition_scene(scene: dict, methods: list[str], cfg: cfgmod.PartitionConfig
             continue
         regions = []
         for i in range(v):
-            depth, pose, K = scene["view_depth"][i], scene["view_pose"][i], scene["view_intrinsics"][i]
+            view_depth, pose, K = depth[i], scene["view_pose"][i], scene["view_intrinsics"][i]
             if method == GT_METHOD:
-                world, valid = views.backproject(depth, pose, K)
+                world, valid = views.backproject(view_depth, pose, K)
                 regions.append(gt.view_partition(world, valid, coord, out[col], cfg.gt_view_tolerance))
             else:
                 rgb = scene["view_rgb"][i] if "view_rgb" in scene else None
-                regions.append(views.view_regions(method, rgb, depth, pose, K, cfg,
+                regions.append(views.view_regions(method, rgb, view_depth, pose, K, cfg,
                                                   name=f"scene {sid} view {i}"))
         out[view_col] = np.stack(regions).astype(np.int32)
     return out
