@@ -245,6 +245,12 @@ def test_view_regions_edge_cases(synthetic_scene):
     assert (empty == NO_REGION).all()  # nothing valid: documented fallback, no error
     with pytest.raises(PartitionError, match=r"scene s9 view 0: view has zero area \(0x160"):
         views.view_regions("vccs", rgb[:0], depth[:0], pose, K, CFG, name="scene s9 view 0")
+    with pytest.raises(PartitionError, match=r"scene s9 view 1: view_intrinsics: .*invertible"):
+        views.view_regions("vccs", rgb, depth, pose, np.zeros((3, 3)), CFG, name="scene s9 view 1")
+    # A frame without a valid pose (ScanNet marks them -inf): the gt oracle cannot match its
+    # pixels to the scene's points, so it leaves the view without regions.
+    lost = dict(scene, view_pose=np.full_like(scene["view_pose"], -np.inf))
+    assert (job.partition_scene(lost, ["gt"], CFG)["view_region_gt"] == NO_REGION).all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,9 @@ def partition_scene(scene: dict, methods: list[str], cfg: cfgmod.PartitionConfig
         for i in range(v):
             view_depth, pose, K = depth[i], scene["view_pose"][i], scene["view_intrinsics"][i]
             if method == GT_METHOD:
-                world, valid = views.backproject(view_depth, pose, K)
+                world, valid = views.backproject(view_depth, pose, K, f"scene {sid} view {i}")
+                if not np.isfinite(pose).all():  # pixels cannot be matched to world points
+                    valid = np.zeros_like(valid)
                 regions.append(gt.view_partition(world, valid, coord, out[col], cfg.gt_view_tolerance))
             else:
                 rgb = scene["view_rgb"][i] if "view_rgb" in scene else None

@@ -30,16 +30,20 @@ from rayseg.data.scene import NO_REGION
 from rayseg.partition import geometry, partition_points
 
 
-def backproject(depth: np.ndarray, pose: np.ndarray, K: np.ndarray
+def backproject(depth: np.ndarray, pose: np.ndarray, K: np.ndarray, name: str = "view"
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(points (H, W, 3) float32 in the world frame, valid (H, W) bool) of a depth image."""
+    K = np.asarray(K, np.float64)
+    if K.shape != (3, 3) or not np.isfinite(K).all() or np.linalg.det(K) == 0:
+        raise geometry.PartitionError(f"{name}: view_intrinsics: expected a finite invertible 3x3 K, "
+                                      f"got {K.tolist()}")
     depth = np.asarray(depth, dtype=np.float64)
     h, w = depth.shape
     valid = np.isfinite(depth) & (depth > 0)
     y, x = np.mgrid[0:h, 0:w]
     pix = np.stack([x, y, np.ones_like(x)], axis=-1).astype(np.float64)
     z = np.where(valid, depth, 0.0)
-    cam = (pix @ np.linalg.inv(np.asarray(K, np.float64)).T) * z[..., None]
+    cam = (pix @ np.linalg.inv(K).T) * z[..., None]
     pose = np.asarray(pose, np.float64)
     if np.isfinite(pose).all():
         cam = cam @ pose[:3, :3].T + pose[:3, 3]
@@ -57,9 +61,7 @@ def view_regions(method: str, rgb: np.ndarray | None, depth: np.ndarray, pose: n
         raise geometry.PartitionError(f"{name}: view has zero area ({h}x{w} pixels)")
     if rgb is not None and np.asarray(rgb).shape != (h, w, 3):
         raise geometry.PartitionError(f"{name}: rgb: expected shape ({h}, {w}, 3), got {np.asarray(rgb).shape}")
-    if np.asarray(K).shape != (3, 3) or not np.isfinite(K).all() or np.linalg.det(np.asarray(K, np.float64)) == 0:
-        raise geometry.PartitionError(f"{name}: intrinsics: expected a finite invertible 3x3 K, got {K!r}")
-    world, valid = backproject(depth, pose, K)
+    world, valid = backproject(depth, pose, K, name)
     out = np.full((h, w), NO_REGION, np.int32)
     if method == "pointwise":
         out[valid] = np.arange(int(valid.sum()), dtype=np.int32)
