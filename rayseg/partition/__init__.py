@@ -97,5 +97,6 @@ def partition_points(method: str, coord: np.ndarray, color: np.ndarray | None,
     sub_normal = None if normal is None else normal[first]
     return METHODS[method](coord[first], color[first], sub_normal, cfg)[inverse]
 
+
 __all__ = ["METHODS", "GT_METHOD", "ALL_METHODS", "PARAMS", "NO_REGION", "PartitionError",
            "partition_points", "method_params", "params_hash", "is_oracle", "estimate_normals"]
