@@ -43,7 +43,9 @@ def run_demo(config_path: str | Path | None = None, overrides: list[str] = ()) -
         raise RuntimeError(f"synthetic preparation failed for {len(summary.failed)} scene(s)")
 
     _banner(f"2/6 region partition '{cfg.data.region_column}'")
-    run_partition(cfg.data.root, [cfg.data.region_column], cfg.partition)
+    parts = run_partition(cfg.data.root, [cfg.data.region_column], cfg)
+    if not parts.ok:
+        raise RuntimeError(f"partitioning failed:\n{parts.format()}")
 
     _banner("3/6 teacher-student training: stage cmg -> stage cmg_rpc")
     train_dir = launch.train(cfg)

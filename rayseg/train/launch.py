@@ -74,6 +74,12 @@ def load_run(run_dir: str | Path) -> cfgmod.Config:
 def fit(cfg: cfgmod.Config, run_dir: Path, stages: list[str], parent_run_id: str | None = None) -> dict:
     """Run the stages in a TorchTrainer (num_workers 0 = Ray Train local mode, same process).
     Returns the last reported metrics."""
+    from rayseg.partition import is_oracle
+
+    if stages != ["seg"] and is_oracle(cfg.data.region_column):
+        print(f"[rayseg] WARNING: data.region_column = {cfg.data.region_column!r} is the ground-truth "
+              f"ORACLE partition (Table 4's GT row); this run is tagged rayseg.oracle=true and is not an "
+              f"unsupervised result.", flush=True)
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -37,6 +37,7 @@ from rayseg import losses as L
 from rayseg import metrics as M
 from rayseg.data import pipeline, shards
 from rayseg.data.scene import IGNORE_LABEL
+from rayseg.partition import is_oracle
 from rayseg.teacher import ema_update, make_teacher
 
 CHECKPOINT_FILE = "state.pt"
@@ -362,11 +363,16 @@ def train_func(loop_config: dict) -> None:
             print(f"[rayseg] resumed from {ckpt_file} at stage {stages[progress.stage_index]} "
                   f"epoch {progress.epoch} step {progress.step}", flush=True)
 
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    if ckpt_file is not None and state.get("generator") is not None:
+        generator.set_state(state["generator"][rank] if rank < len(state["generator"]) else state["generator"][0])
+
     tracker = Tracker(cfg, loop_config["run_name"], enabled=(rank == 0), run_id=progress.mlflow_run_id,
                       parent_run_id=loop_config.get("parent_run_id"),
-                      tags={"rayseg.stages": ",".join(stages), "rayseg.run_dir": str(run_dir)})
+                      tags={"rayseg.stages": ",".join(stages), "rayseg.run_dir": str(run_dir),
+                            "rayseg.region_column": cfg.data.region_column,
+                            "rayseg.oracle": str(stages != ["seg"] and is_oracle(cfg.data.region_column)).lower()})
     progress.mlflow_run_id = tracker.run_id
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
     try:
         while progress.stage_index < len(stages):
@@ -435,6 +441,7 @@ def train_func(loop_config: dict) -> None:
                          "teacher": teacher.state_dict() if teacher is not None else None,
                          "optimizer": optimizer.state_dict(),
                          "thresholds": {side: ts.state_dict() for side, ts in thresholds.items()},
+                         "generator": _gather_generator_states(generator, world),
                          "config": loop_config["config"], "class_names": class_names, "stages": stages}
                 _report(state, progress, stage, run_dir, rank, {**report, "step": progress.step,
                                                                 "stage": stage, "epoch": progress.epoch})
@@ -445,6 +452,16 @@ def train_func(loop_config: dict) -> None:
     except BaseException:
         tracker.end("FAILED")
         raise
+
+
+def _gather_generator_states(generator: torch.Generator, world: int) -> list[torch.Tensor]:
+    """Every rank's pair-sampling generator state (so a resumed run samples the same pairs)."""
+    state = generator.get_state()
+    if world <= 1:
+        return [state]
+    states = [torch.empty_like(state) for _ in range(world)]
+    torch.distributed.all_gather(states, state)
+    return states
 
 
 def _report(state: dict, progress: Progress, stage: str, run_dir: Path, rank: int, metrics: dict) -> None:
