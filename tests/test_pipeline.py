@@ -233,3 +233,23 @@ def test_decoding_only_the_chosen_views_changes_nothing(dataset):
         assert ref.keys() == sample.keys()
         for k in ref:
             assert np.array_equal(ref[k], sample[k]) if isinstance(ref[k], np.ndarray) else ref[k] == sample[k], k
+
+
+@pytest.mark.timeout(120)
+def test_ray_data_runs_beside_training_workers(dataset, ray_local):
+    """2 CPUs, one held as by two training workers of 0.5 CPU (ray.cpus_per_worker): the
+    pipeline still streams (Ray Data read tasks need one whole free CPU)."""
+
+    @ray_local.remote(num_cpus=0.5)
+    class Worker:
+        def ping(self) -> int:
+            return 1
+
+    workers = [Worker.remote() for _ in range(2)]
+    ray_local.get([w.ping.remote() for w in workers])
+    try:
+        batches = list(P.iter_batches_ray(P.ray_dataset(dataset, "val", small_config(), "infer"), batch_size=2))
+        assert [b["scene_id"] for b in batches] == [["scene05", "scene06"]]
+    finally:
+        for w in workers:
+            ray_local.kill(w)

@@ -499,7 +499,9 @@ def iter_batches(root: str | Path, split: str, cfg: Config, mode: str, epoch: in
 
 def configure_ray_data(cfg: Config) -> None:
     """ENVIRONMENT.md settings: scene-sized blocks, few Parquet footer actors, ordered output
-    (so batches are the same as the plain loop's)."""
+    (so batches are the same as the plain loop's). Ray Data's listing and read tasks each need a
+    whole free CPU (measured on Ray 2.60: with only 0.5 CPU free it waits forever), so training
+    workers must leave at least one CPU of the cluster unclaimed."""
     import ray.data
 
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
