@@ -6,7 +6,7 @@ It prepares its own small synthetic dataset in a temp folder. The region column 
 (0.5 m grid cells for points, the cell of each back-projected pixel for views): the benchmark
 measures the pipeline, not a partition algorithm, and floor/wall removal needs some regions.
 
-    .venv/bin/python benchmarks/data_pipeline.py [--scenes 8] [--epochs 2] [--keep DIR]
+    .venv/bin/python benchmarks/data_pipeline.py [--scenes 8] [--epochs 2] [--density 250] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -57,10 +57,11 @@ def grid_view_regions(scene: dict, table: dict) -> np.ndarray:
     return out
 
 
-def prepare(root: Path, num_scenes: int) -> float:
+def prepare(root: Path, num_scenes: int, density: float) -> float:
     """Write num_scenes synthetic train scenes with stand-in regions; returns seconds taken."""
     start = time.perf_counter()
-    syn = cfgmod.SyntheticConfig(num_scenes=num_scenes, val_fraction=0.0, num_views=8, seed=0)
+    syn = cfgmod.SyntheticConfig(num_scenes=num_scenes, val_fraction=0.0, num_views=8, seed=0,
+                                 points_per_m2=density)
     for index in range(num_scenes):
         scene = synthetic.generate_scene(syn, index)
         scene["region_grid"], table = grid_regions(scene["coord"])
@@ -100,13 +101,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=int, default=8, help="synthetic train scenes (default 8)")
     parser.add_argument("--epochs", type=int, default=2, help="passes per runner; the first includes start-up")
+    parser.add_argument("--density", type=float, default=cfgmod.SyntheticConfig().points_per_m2,
+                        help="synthetic surface points per m^2 (scene size; default: the generator's)")
     parser.add_argument("--keep", default="", help="prepare the dataset here and keep it (default: temp dir)")
     args = parser.parse_args()
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="rayseg-bench-")) / "synth"
     try:
         if not (root / shards.MANIFEST_NAME).is_file():
-            secs = prepare(root, args.scenes)
+            secs = prepare(root, args.scenes, args.density)
             print(f"prepared {args.scenes} synthetic scenes in {secs:.1f} s -> {root}")
         manifest = shards.load_manifest(root)
         points = [e["num_points"] for e in manifest["scenes"]]

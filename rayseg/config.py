@@ -117,7 +117,7 @@ class AugmentConfig:
     """METHOD.md augmentations. Teacher = weak view, student = strong view of the same scene."""
 
     enabled: bool = True
-    """Master switch (off = identity transforms, e.g. for debugging)."""
+    """Master switch (off = identity transforms and no floor/wall/ceiling removal; Mix3D has its own)."""
     autocontrast_p: float = 0.2
     """Probability of chromatic auto-contrast."""
     color_translate_ratio: float = 0.1
