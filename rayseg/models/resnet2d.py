@@ -1,0 +1,155 @@
+"""The 2D branch: a dilated torchvision ResNet (output stride 8) with a 1x1 classifier.
+
+forward(images (B, 3, H, W)) -> (features (B, D, ceil(H/8), ceil(W/8)) from layer4,
+logits (B, C, H, W) from a bias-free 1x1 conv, bilinearly upsampled to the image size).
+
+Initialisation (`init`, config `model.init_2d`):
+  'imagenet'  torchvision's IMAGENET1K_V1 weights, read from the torch hub cache
+              ($TORCH_HOME/hub/checkpoints/<file>) or downloaded there; offline, or with
+              RAYSEG_OFFLINE=1, a missing file is an error naming the file to place there;
+  'none'      torchvision's random initialisation;
+  <path>      a local state dict: torchvision's, DINO's (plain backbone keys) or MoCo's
+              ('state_dict' with 'module.encoder_q.' keys); classifier heads (fc) are ignored.
+`freeze` (Table 7 'frozen'): the backbone gets no gradients and its BN layers stay in eval mode.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rayseg.models._torchvision import import_torchvision
+
+__all__ = ["ResNet2D", "FEATURE_DIMS", "backbone_state_from_checkpoint", "imagenet_weights_path"]
+
+FEATURE_DIMS = {"resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+_WEIGHTS_ENUMS = {"resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}
+_BACKBONE_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+def _imagenet_weights(name: str):
+    return getattr(import_torchvision().models, _WEIGHTS_ENUMS[name]).IMAGENET1K_V1
+
+
+def imagenet_weights_path(name: str) -> str:
+    """Where torch's hub cache keeps (or would keep) the ImageNet weights of `name`."""
+    filename = os.path.basename(_imagenet_weights(name).url)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+
+
+def _load_imagenet_state(name: str) -> dict[str, torch.Tensor]:
+    weights = _imagenet_weights(name)
+    path = imagenet_weights_path(name)
+    if os.path.isfile(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    reason = "RAYSEG_OFFLINE is set"
+    if not os.environ.get("RAYSEG_OFFLINE"):
+        try:
+            return weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as exc:  # no network, proxy, bad download...
+            reason = f"{type(exc).__name__}: {exc}"
+    raise RuntimeError(
+        f"ImageNet weights for {name} are not available ({reason}). Download {weights.url} and "
+        f"place it at {path} (the torch hub cache; TORCH_HOME moves it), or set model.init_2d "
+        f"to 'none' or to a local checkpoint path")
+
+
+def backbone_state_from_checkpoint(raw: Mapping) -> dict[str, torch.Tensor]:
+    """Backbone parameters (torchvision names, no 'fc') from a torchvision / DINO / MoCo state dict."""
+    state = raw
+    for wrapper in ("state_dict", "model"):
+        if wrapper in state and isinstance(state[wrapper], Mapping):
+            state = state[wrapper]
+    if any(k.startswith("module.encoder_q.") for k in state):  # MoCo: the query encoder
+        state = {k[len("module.encoder_q."):]: v for k, v in state.items() if k.startswith("module.encoder_q.")}
+    else:
+        stripped = {}
+        for k, v in state.items():
+            for prefix in ("module.", "backbone.", "net2d.backbone."):
+                if k.startswith(prefix):
+                    k = k[len(prefix):]
+            stripped[k] = v
+        state = stripped
+    return {k: v for k, v in state.items()
+            if isinstance(v, torch.Tensor) and not k.startswith(("fc.", "classifier."))}
+
+
+def _dilate_basic_blocks(net: nn.Module) -> None:
+    """Output stride 8 for BasicBlock ResNets, as `replace_stride_with_dilation=[False, True,
+    True]` does for Bottleneck ones (torchvision refuses dilation in BasicBlock): layer3 and
+    layer4 lose their stride; a block's dilation (that of the previous stage for a stage's
+    first block, 2 in layer3, 4 in layer4 otherwise) applies to both of its 3x3 convs."""
+    dilation = 1
+    for layer in (net.layer3, net.layer4):
+        previous, dilation = dilation, dilation * 2
+        for i, block in enumerate(layer):
+            d = previous if i == 0 else dilation
+            for conv in (block.conv1, block.conv2):
+                conv.stride, conv.dilation, conv.padding = (1, 1), (d, d), (d, d)
+            if block.downsample is not None:
+                block.downsample[0].stride = (1, 1)
+
+
+class ResNet2D(nn.Module):
+    """Dilated ResNet-34/50/101 (output stride 8) + bias-free 1x1 classifier."""
+
+    def __init__(self, name: str = "resnet50", num_classes: int = 20, init: str = "imagenet",
+                 freeze: bool = False):
+        super().__init__()
+        if name not in FEATURE_DIMS:
+            raise ValueError(f"unknown 2D backbone {name!r}; available: {', '.join(FEATURE_DIMS)}")
+        tv = import_torchvision()
+        if name == "resnet34":
+            net = tv.models.resnet34(weights=None)
+            _dilate_basic_blocks(net)
+        else:
+            net = getattr(tv.models, name)(weights=None, replace_stride_with_dilation=[False, True, True])
+        self.name, self.init, self.frozen = name, init, freeze
+        self.feature_dim = FEATURE_DIMS[name]
+        self.backbone = nn.Sequential(OrderedDict((k, getattr(net, k)) for k in _BACKBONE_LAYERS))
+        self.classifier = nn.Conv2d(self.feature_dim, num_classes, kernel_size=1, bias=False)
+        if init == "imagenet":
+            self.load_backbone(_load_imagenet_state(name), f"torchvision ImageNet weights for {name}")
+        elif init != "none":
+            if not os.path.isfile(init):
+                raise FileNotFoundError(f"model.init_2d: checkpoint file not found: {init} "
+                                        "(expected 'imagenet', 'none' or a state dict path)")
+            raw = torch.load(init, map_location="cpu", weights_only=True)
+            self.load_backbone(backbone_state_from_checkpoint(raw), init)
+        if freeze:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def load_backbone(self, state: Mapping[str, torch.Tensor], source: str) -> None:
+        """Load torchvision-named backbone parameters; errors name every mismatched parameter."""
+        own = self.backbone.state_dict()
+        wanted = {k for k in own if not k.endswith("num_batches_tracked")}
+        given = {k for k in state if not k.endswith("num_batches_tracked")}
+        problems = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in sorted(wanted & given) if tuple(state[k].shape) != tuple(own[k].shape)]
+        if wanted - given:
+            problems.append(f"missing: {', '.join(sorted(wanted - given)[:10])}")
+        if given - wanted:
+            problems.append(f"unexpected: {', '.join(sorted(given - wanted)[:10])}")
+        if problems:
+            raise ValueError(f"{source} does not fit the {self.name} backbone: " + "; ".join(problems))
+        self.backbone.load_state_dict(dict(state), strict=False)
+
+    def train(self, mode: bool = True) -> "ResNet2D":
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()  # frozen = fixed BN statistics too
+        return self
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images: expected (B, 3, H, W), got shape {tuple(images.shape)}")
+        feats = self.backbone(images)
+        logits = F.interpolate(self.classifier(feats), size=images.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        return feats, logits

@@ -1,0 +1,224 @@
+"""The pure-PyTorch sparse backend: runs anywhere torch runs (CPU, CUDA), nothing to compile.
+
+A convolution is, per kernel offset, gather input rows -> matmul with that offset's weight ->
+index_add into output rows, over the pairs of a cached KernelMap. The backward pass is written
+by hand so that nothing per-offset is kept alive between forward and backward: it saves only the
+layer input and the weights, and re-gathers rows offset by offset (autograd would keep every
+gathered copy, ~K times the input, for the whole forward pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from rayseg.sparse.common import check_input
+from rayseg.sparse.coords import CoordinateManager, KernelMap
+
+__all__ = ["SparseTensor", "Conv", "ConvTranspose", "BatchNorm", "ReLU", "cat", "make_input",
+           "features", "sparse_conv", "CoordinateManager", "KernelMap"]
+
+
+@dataclass
+class SparseTensor:
+    """Features of the voxels of one tensor stride; coordinates live in the manager."""
+
+    feats: torch.Tensor  # (M, C), rows in the manager's order for `stride`
+    stride: int
+    manager: CoordinateManager
+
+    @property
+    def coordinates(self) -> torch.Tensor:
+        """(M, 4) int64 [batch, x, y, z], rows matching `feats`."""
+        return self.manager.coordinates(self.stride)
+
+    def replace(self, feats: torch.Tensor) -> "SparseTensor":
+        return SparseTensor(feats, self.stride, self.manager)
+
+    def __add__(self, other: "SparseTensor") -> "SparseTensor":
+        _check_same_voxels(self, other)
+        return self.replace(self.feats + other.feats)
+
+    def __iadd__(self, other: "SparseTensor") -> "SparseTensor":
+        _check_same_voxels(self, other)
+        self.feats.add_(other.feats)
+        return self
+
+
+def _check_same_voxels(a: SparseTensor, b: SparseTensor) -> None:
+    if a.manager is not b.manager or a.stride != b.stride:
+        raise ValueError(f"sparse tensors are on different voxel sets (strides {a.stride} and "
+                         f"{b.stride}, {'same' if a.manager is b.manager else 'different'} coordinate managers)")
+
+
+def make_input(coord, feat, in_channels: int | None = None) -> SparseTensor:
+    """The stride-1 sparse tensor of validated (M, 4) coordinates and (M, C) features."""
+    coord, feat = check_input(coord, feat, in_channels)
+    manager = CoordinateManager(coord)
+    return SparseTensor(manager.from_input_order(feat), 1, manager)
+
+
+def features(x: SparseTensor) -> torch.Tensor:
+    """(M, C) features of a stride-1 tensor, rows in the order of the input coordinates."""
+    if x.stride != 1:
+        raise ValueError(f"features() maps stride-1 tensors back to input rows, got stride {x.stride}")
+    return x.manager.to_input_order(x.feats)
+
+
+class _SparseConvFunction(torch.autograd.Function):
+    # Per-offset gathers and products go to two workspaces reused across offsets (sized for
+    # the largest offset), not to fresh allocations: large fresh buffers are page-faulted in on
+    # every offset, which costs about as much as the copy itself.
+
+    @staticmethod
+    def forward(ctx, feats: torch.Tensor, kernel: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
+        feats = feats.contiguous()
+        if kmap.identity is not None:
+            out = feats @ kernel[kmap.identity]
+        else:
+            out = feats.new_zeros(kmap.num_out, kernel.shape[-1])
+        gathered = feats.new_empty(kmap.max_pairs, feats.shape[1])
+        product = feats.new_empty(kmap.max_pairs, kernel.shape[-1])
+        for w, rows_in, rows_out in kmap.pairs:
+            n = len(rows_in)
+            torch.index_select(feats, 0, rows_in, out=gathered[:n])
+            torch.mm(gathered[:n], kernel[w], out=product[:n])
+            out.index_add_(0, rows_out, product[:n])
+        ctx.kmap = kmap
+        ctx.save_for_backward(feats, kernel)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        feats, kernel = ctx.saved_tensors
+        kmap: KernelMap = ctx.kmap
+        grad_out = grad_out.contiguous()
+        need_feats, need_kernel = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_feats = grad_kernel = None
+        if need_feats:
+            if kmap.identity is not None:
+                grad_feats = grad_out @ kernel[kmap.identity].T
+            else:
+                grad_feats = torch.zeros_like(feats)
+        if need_kernel:
+            grad_kernel = torch.zeros_like(kernel)
+            if kmap.identity is not None:
+                torch.mm(feats.T, grad_out, out=grad_kernel[kmap.identity])
+        grad_rows = grad_out.new_empty(kmap.max_pairs, grad_out.shape[1])
+        in_rows = feats.new_empty(kmap.max_pairs, feats.shape[1])  # input rows, then their grads
+        for w, rows_in, rows_out in kmap.pairs:
+            n = len(rows_in)
+            g = torch.index_select(grad_out, 0, rows_out, out=grad_rows[:n])
+            if need_kernel:
+                x = torch.index_select(feats, 0, rows_in, out=in_rows[:n])
+                torch.mm(x.T, g, out=grad_kernel[w])
+            if need_feats:
+                gx = torch.mm(g, kernel[w].T, out=in_rows[:n])
+                grad_feats.index_add_(0, rows_in, gx)
+        return grad_feats, grad_kernel, None
+
+
+def sparse_conv(feats: torch.Tensor, kernel: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
+    """out[o] = sum over (w, i, o) in kmap of feats[i] @ kernel[w]; kernel is (K, Cin, Cout)."""
+    return _SparseConvFunction.apply(feats, kernel, kmap)
+
+
+def _kernel_parameter(volume: int, in_channels: int, out_channels: int, fan: int) -> nn.Parameter:
+    # MinkowskiEngine's layout: (volume, in, out), or (in, out) for a 1x1x1 kernel ...
+    shape = (in_channels, out_channels) if volume == 1 else (volume, in_channels, out_channels)
+    # ... and its default init, uniform in +-1/sqrt(volume * fan channels)
+    bound = 1.0 / (volume * fan) ** 0.5
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+def _bias_parameter(volume: int, out_channels: int, fan: int) -> nn.Parameter:
+    bound = 1.0 / (volume * fan) ** 0.5  # shape (1, out) as MinkowskiEngine's
+    return nn.Parameter(torch.empty(1, out_channels).uniform_(-bound, bound))
+
+
+class Conv(nn.Module):
+    """Odd kernel at stride 1 (output voxels = input voxels), or kernel 2 stride 2 (down-sampling)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 bias: bool = False):
+        super().__init__()
+        if not ((stride == 1 and kernel_size % 2 == 1) or (stride == 2 and kernel_size == 2)):
+            raise NotImplementedError(f"Conv supports odd kernels at stride 1 and kernel 2 at stride 2, "
+                                      f"got kernel {kernel_size} stride {stride}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = kernel_size, stride
+        self.kernel = _kernel_parameter(kernel_size**3, in_channels, out_channels, fan=in_channels)
+        self.bias = _bias_parameter(kernel_size**3, out_channels, fan=in_channels) if bias else None
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        if self.kernel_size == 1:
+            out = x.feats @ self.kernel
+            stride = x.stride
+        elif self.stride == 1:
+            out = sparse_conv(x.feats, self.kernel, x.manager.conv_map(x.stride, self.kernel_size))
+            stride = x.stride
+        else:
+            out = sparse_conv(x.feats, self.kernel, x.manager.down_map(x.stride))
+            stride = 2 * x.stride
+        if self.bias is not None:
+            out = out + self.bias
+        return SparseTensor(out, stride, x.manager)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class ConvTranspose(nn.Module):
+    """Kernel 2 stride 2 up-sampling onto the existing voxels of the finer stride."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 2, stride: int = 2,
+                 bias: bool = False):
+        super().__init__()
+        if kernel_size != 2 or stride != 2:
+            raise NotImplementedError(f"ConvTranspose supports kernel 2 stride 2, got {kernel_size}, {stride}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel = _kernel_parameter(8, in_channels, out_channels, fan=out_channels)
+        self.bias = _bias_parameter(8, out_channels, fan=out_channels) if bias else None
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        out = sparse_conv(x.feats, self.kernel, x.manager.up_map(x.stride))
+        if self.bias is not None:
+            out = out + self.bias
+        return SparseTensor(out, x.stride // 2, x.manager)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size=2, stride=2"
+
+
+class BatchNorm(nn.Module):
+    """nn.BatchNorm1d over voxels (held as `.bn`, the same parameter names as MinkowskiEngine)."""
+
+    def __init__(self, channels: int, momentum: float = 0.1):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(channels, momentum=momentum)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        if self.training and x.feats.shape[0] < 2:
+            raise ValueError(f"batch norm in training mode needs at least 2 voxels, got "
+                             f"{x.feats.shape[0]} at tensor stride {x.stride}: use a larger scene "
+                             "or batch, or eval mode")
+        return x.replace(self.bn(x.feats))
+
+
+class ReLU(nn.Module):
+    """In place, as MinkowskiEngine's (and torchvision's): apply it to fresh outputs only
+    (after a BN or an addition), never to a tensor that is also used elsewhere."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return x.replace(torch.relu_(x.feats))
+
+
+def cat(*tensors: SparseTensor) -> SparseTensor:
+    """Channel concatenation of sparse tensors on the same voxels (skip connections)."""
+    for t in tensors[1:]:
+        _check_same_voxels(tensors[0], t)
+    return tensors[0].replace(torch.cat([t.feats for t in tensors], dim=1))
