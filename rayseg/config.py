@@ -242,20 +242,20 @@ class ModelConfig:
     """Freeze the 2D backbone (Table 7 'frozen')."""
     in_channels: int = 6
     """3D input features: colour/127.5-1 and the normal."""
+    init_3d: str = ""
+    """Optional MinkUNet state dict (either backend, e.g. a MinkowskiEngine checkpoint) to start
+    the 3D branch from; '' = random init."""
 
     def __post_init__(self) -> None:
         _check(self.in_channels > 0, "in_channels", "must be > 0")
+        _check(self.init_2d.strip() != "", "init_2d", "must be 'imagenet', 'none' or a checkpoint path")
 
 
 @dataclass(kw_only=True)
 class GuidanceConfig:
-    init_3d: str = ""
-    """Optional MinkUNet state dict (either backend, e.g. a MinkowskiEngine checkpoint) to start
-    the 3D branch from; '' = random init."""
     """Cross-modal guidance (Table 3). 3D->2D uses proj2d against detached 3D features."""
 
     loss_3d: Literal["contrastive", "mse", "affinity", "cam", "none"] = "contrastive"
-        _check(self.init_2d.strip() != "", "init_2d", "must be 'imagenet', 'none' or a checkpoint path")
     """Guidance loss on the 3D branch (2D teaches 3D); 'none' disables Lcon3D."""
     loss_2d: Literal["contrastive", "mse", "affinity", "cam", "none"] = "contrastive"
     """Guidance loss on the 2D branch (3D teaches 2D); 'none' disables Lcon2D."""
