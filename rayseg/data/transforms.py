@@ -19,7 +19,8 @@ from rayseg.data.scene import NO_REGION, SceneError
 log = logging.getLogger(__name__)
 
 # Per-point keys of a scene record: removal and subsampling filter all of them together.
-POINT_KEYS = ("coord", "color", "normal", "label", "instance")
+# pseudo_label: stage seg's targets (rayseg.pseudo), carried like any per-point key.
+POINT_KEYS = ("coord", "color", "normal", "label", "instance", "pseudo_label")
 
 
 def point_keys(scene: dict) -> list[str]:
@@ -38,36 +39,6 @@ def select_points(scene: dict, keep: np.ndarray) -> dict:
 # --------------------------------------------------------------------------------------------
 # Colour of points (float, 0..255)
 # --------------------------------------------------------------------------------------------
-
-
-def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3) RGB in [0, 1] -> HSV in [0, 1] (hue as a fraction of the circle)."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    maxc = rgb.max(-1)
-    minc = rgb.min(-1)
-    delta = maxc - minc
-    safe = np.where(delta > 0, delta, 1.0)
-    h = np.where(maxc == r, ((g - b) / safe) % 6.0,
-                 np.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
-    h = np.where(delta > 0, h / 6.0, 0.0) % 1.0
-    s = np.where(maxc > 0, delta / np.where(maxc > 0, maxc, 1.0), 0.0)
-    return np.stack([h, s, maxc], -1)
-
-
-def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """Inverse of rgb_to_hsv."""
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    i = np.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.astype(np.int64) % 6
-    p = v * (1.0 - s)
-    q = v * (1.0 - s * f)
-    t = v * (1.0 - s * (1.0 - f))
-    choices_r = np.stack([v, q, p, p, t, v], -1)
-    choices_g = np.stack([t, v, v, q, p, p], -1)
-    choices_b = np.stack([p, p, t, v, v, q], -1)
-    pick = i[..., None]
-    return np.concatenate([np.take_along_axis(c, pick, -1) for c in (choices_r, choices_g, choices_b)], -1)
 
 
 def chromatic_autocontrast(color: np.ndarray, rng: np.random.Generator, p: float) -> np.ndarray:
@@ -96,13 +67,16 @@ def chromatic_jitter(color: np.ndarray, rng: np.random.Generator, std: float) ->
 
 def hue_saturation_shift(color: np.ndarray, rng: np.random.Generator, hue_max: float,
                          saturation_max: float) -> np.ndarray:
-    """Rotate the hue by U(-hue_max, hue_max) of the circle and scale saturation by 1 + U(-s, s)."""
+    """Rotate the hue by U(-hue_max, hue_max) of the circle and scale saturation by 1 + U(-s, s).
+    Done in PIL's 8-bit HSV (colours are rounded to whole levels, as for the views)."""
     hue = (rng.random() - 0.5) * 2.0 * hue_max
     sat = 1.0 + (rng.random() - 0.5) * 2.0 * saturation_max
-    hsv = rgb_to_hsv(color / 255.0)
-    hsv[..., 0] = (hsv[..., 0] + hue) % 1.0
-    hsv[..., 1] = np.clip(hsv[..., 1] * sat, 0.0, 1.0)
-    return np.clip(hsv_to_rgb(hsv) * 255.0, 0.0, 255.0)
+    pixels = np.clip(np.rint(color), 0, 255).astype(np.uint8).reshape(-1, 1, 3)
+    hsv = np.array(Image.fromarray(pixels, "RGB").convert("HSV"))
+    hsv[..., 0] += np.uint8(int(round(hue * 255)) % 256)  # wraps around the hue circle
+    hsv[..., 1] = np.clip(np.rint(hsv[..., 1] * sat), 0, 255).astype(np.uint8)
+    rgb = np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+    return rgb.reshape(color.shape).astype(color.dtype)
 
 
 def chromatic_augment(color: np.ndarray, rng: np.random.Generator, aug) -> np.ndarray:
