@@ -89,7 +89,7 @@ class TeacherLabeler:
         from rayseg.data import pipeline
         from rayseg.train.loop import to_device
 
-        sample = pipeline._from_ray_row(row)
+        sample = pipeline.from_ray_row(row)
         b = to_device(pipeline.collate([sample]), self.device)
         with torch.no_grad():
             logits = self.model.forward_3d(b["coord"], b["feat"])["logits"][b["inverse"]]

@@ -193,6 +193,8 @@ def make_sample(scene: dict, cfg: Config, rng: np.random.Generator, mode: str,
         "link_view": np.concatenate(link_view) if link_view else np.zeros(0, np.int64),
         "link_pixel": np.concatenate(link_pixel) if link_pixel else np.zeros(0, np.int64),
     }
+    if "pseudo_label" in scene:
+        sample["pseudo_label"] = scene["pseudo_label"]
     coord = T.center(world.astype(np.float32))
     color = scene["color"].astype(np.float32)
     normal = scene["normal"].astype(np.float32) if "normal" in scene else np.zeros((n, 3), np.float32)
@@ -313,6 +315,8 @@ def _stack_scenes(samples: list[dict]) -> dict:
         "link_view": np.concatenate([s["link_view"] + o for s, o in zip(samples, view_start)]).astype(np.int64),
         "link_pixel": np.concatenate([s["link_pixel"] for s in samples]).astype(np.int64),
     }
+    if "pseudo_label" in samples[0]:
+        out["pseudo_label"] = np.concatenate([s["pseudo_label"] for s in samples]).astype(np.int64)
     if "label" in samples[0]:
         out["label"] = np.concatenate([s["label"] for s in samples]).astype(np.int64)
         out["view_label"] = np.concatenate([s["view_label"] for s in samples]).astype(np.int64)
@@ -427,7 +431,8 @@ def sample_from_row(row: dict, columns: list[str], cfg: Config, mode: str, epoch
     sid = str(row["scene_id"])
     rng = scene_rng(seed, epoch, sid)
     if not (cfg.data.num_views and "view_pose" in columns):
-        return make_sample(shards.row_to_scene(row, columns), cfg, rng, mode, class_names)
+        return make_sample(_with_pseudo_labels(shards.row_to_scene(row, columns), cfg, mode), cfg, rng, mode,
+                           class_names)
     meta = shards.row_to_scene(row, [c for c in columns if c in VIEW_META_COLUMNS])
     chosen = T.sample_views(meta, cfg.data.num_views, rng if mode == "train" else None)
     num_stored = meta["view_pose"].shape[0]
@@ -445,7 +450,19 @@ def sample_from_row(row: dict, columns: list[str], cfg: Config, mode: str, epoch
     for k in whole:
         if k in scene:
             scene[k] = scene[k][chosen]
-    return make_sample(scene, cfg, rng, mode, class_names, views=np.arange(len(chosen)))
+    return make_sample(_with_pseudo_labels(scene, cfg, mode), cfg, rng, mode, class_names,
+                       views=np.arange(len(chosen)))
+
+
+def _with_pseudo_labels(scene: dict, cfg: Config, mode: str) -> dict:
+    """Stage seg: attach the scene's pseudo-labels (data.pseudo_labels) as a per-point key."""
+    if mode != "train" or not cfg.data.pseudo_labels:
+        return scene
+    from rayseg.pseudo import pseudo_path, read_pseudo
+
+    sid = str(scene["scene_id"])
+    path = pseudo_path(cfg.data.pseudo_labels, str(scene["split"]), sid)
+    return {**scene, "pseudo_label": read_pseudo(path, sid, scene["coord"].shape[0])}
 
 
 def _read_row(path: Path, columns: list[str]) -> dict:
@@ -548,3 +565,38 @@ def iter_batches_ray(data: Any, batch_size: int) -> Iterator[dict]:
 
 
 _from_ray_row = from_ray_row  # the name rayseg/pseudo.py first used
+
+
+# --------------------------------------------------------------------------------------------
+# `rayseg stream`: look at what the pipeline makes of a dataset
+# --------------------------------------------------------------------------------------------
+
+
+def stream(cfg: Config, split: str, mode: str, epoch: int = 0, use_ray: bool = False, max_batches: int = 0) -> dict:
+    """Run one pass of a split through the pipeline, print one line per batch and the rate.
+    Returns {"batches", "scenes", "points", "links", "seconds"}. Ray must be initialised for use_ray."""
+    import time
+
+    batch_size = cfg.optim.batch_size
+    start = time.perf_counter()
+    if use_ray:
+        batches = iter_batches_ray(ray_dataset(cfg.data.root, split, cfg, mode, epoch), batch_size)
+    else:
+        batches = iter_batches(cfg.data.root, split, cfg, mode, epoch, batch_size=batch_size)
+    totals = {"batches": 0, "scenes": 0, "points": 0, "links": 0}
+    side = "teacher_" if mode == "train" else ""
+    for batch in batches:
+        totals["batches"] += 1
+        totals["scenes"] += len(batch[side + "scene_id"])
+        totals["points"] += int(batch["inverse"].shape[0])
+        totals["links"] += int(batch["link_point"].shape[0])
+        print(f"batch {totals['batches']}: scenes {batch[side + 'scene_id']}, points {batch['inverse'].shape[0]}, "
+              f"voxels {batch['coord'].shape[0]}, views {batch['images'].shape[0]}, "
+              f"links {batch['link_point'].shape[0]}, regions {len(np.unique(batch['region'][batch['region'] >= 0]))}",
+              flush=True)
+        if max_batches and totals["batches"] >= max_batches:
+            break
+    totals["seconds"] = time.perf_counter() - start
+    print(f"{totals['scenes']} scenes in {totals['seconds']:.1f} s ({totals['scenes'] / totals['seconds']:.2f} "
+          f"scenes/s, {'Ray Data' if use_ray else 'plain loop'}, mode {mode}, split {split})", flush=True)
+    return totals

@@ -68,7 +68,7 @@ class MinkUNet(nn.Module):
             raise ValueError(f"unknown MinkUNet variant {name!r}; available: {', '.join(ARCHITECTURES)}")
         if in_channels < 1 or num_classes < 1:
             raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
-        self.sparse = sp = get_backend(backend)
+        sp = get_backend(backend)
         self.name, self.backend = name, backend
         self.in_channels, self.num_classes = in_channels, num_classes
         layers, planes = ARCHITECTURES[name]
@@ -116,6 +116,11 @@ class MinkUNet(nn.Module):
             elif isinstance(m, self.sparse.BatchNorm):
                 nn.init.ones_(m.bn.weight)
                 nn.init.zeros_(m.bn.bias)
+
+    @property
+    def sparse(self):
+        """The backend module (looked up, not stored, so the model deep-copies and pickles)."""
+        return get_backend(self.backend)
 
     def forward(self, coord: torch.Tensor, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sp = self.sparse

@@ -436,7 +436,8 @@ def train_func(loop_config: dict) -> None:
                 progress.history.append({"stage": stage, "epoch": progress.epoch, **report})
                 if rank == 0:
                     print(f"[rayseg] {stage} epoch {progress.epoch}/{epochs} step {progress.step} "
-                          + " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in report.items()), flush=True)
+                          + " ".join(f"{k.removeprefix(stage + '/epoch_')}={v:.4g}" for k, v in report.items()
+                                     if "weight/" not in k), flush=True)
                 state = {"student": student.state_dict(),
                          "teacher": teacher.state_dict() if teacher is not None else None,
                          "optimizer": optimizer.state_dict(),

@@ -1,0 +1,242 @@
+"""The method end to end on a tiny synthetic dataset, on a real local Ray and a real sqlite
+MLflow store: training stages, checkpoints and resume after a kill, explicit DDP gradients,
+pseudo-labels, stage seg, evaluation, tracking."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import ray
+import torch
+
+from rayseg import config as cfgmod
+from rayseg import metrics as M
+from rayseg.data import shards
+from rayseg.data.prepare import prepare_synthetic
+from rayseg.partition.job import run_partition
+from rayseg.train import launch
+from rayseg.train.loop import latest_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "synthetic.num_scenes": 6, "synthetic.val_fraction": 0.34, "synthetic.num_views": 4,
+    "synthetic.image_width": 64, "synthetic.image_height": 48, "synthetic.min_points": 2500,
+    "synthetic.max_points": 4000, "synthetic.points_per_m2": 40.0,
+    "data.voxel_size": 0.08, "data.num_views": 2, "data.image_width": 64, "data.image_height": 48,
+    "data.monitor_scenes": 2, "data.loader": "local",
+    "model.backbone_3d": "MinkUNet14A", "model.backbone_2d": "resnet34", "model.init_2d": "none",
+    "loss.guidance.warmup_steps": 2, "loss.rpc.warmup_steps": 2, "loss.rpc.ema_decay": 0.9,
+    "optim.batch_size": 2, "optim.cmg_epochs": 1, "optim.cmg_rpc_epochs": 1, "optim.loops_per_epoch": 1,
+    "optim.seg_epochs": 1, "optim.seg_backbone": "MinkUNet14A", "optim.seg_voxel_size": 0.08,
+    "optim.cmg_lr": 0.02, "optim.cmg_rpc_lr": 0.01, "optim.seg_lr": 0.02,
+    "ray.cpus_per_worker": 0.5,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(config, tmp dir) for a 4-train / 2-val synthetic dataset with shape_detection regions."""
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = cfgmod.replace(cfgmod.Config(), **TINY, **{"data.root": str(tmp / "data"),
+                                                     "tracking.runs_dir": str(tmp / "runs"),
+                                                     "name": "tiny"})
+    launch.init_ray(cfg)
+    assert prepare_synthetic(cfg.synthetic, cfg.data.root).ok
+    assert run_partition(cfg.data.root, ["shape_detection"], cfg).ok
+    yield cfg, tmp
+    ray.shutdown()
+
+
+def mlflow_run(cfg, run_dir: Path):
+    state = torch.load(latest_checkpoint(run_dir), weights_only=False)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path(cfg.tracking.runs_dir).resolve() / 'mlflow.db'}")
+    return client, client.get_run(state["progress"]["mlflow_run_id"]), state
+
+
+def test_two_stages_pseudo_labels_segment_evaluate(tiny):
+    from rayseg.evaluate import evaluate_run
+    from rayseg.pseudo import evaluate_pseudo_labels, make_pseudo_labels, pseudo_path, read_pseudo
+
+    cfg, tmp = tiny
+    run_dir = launch.train(cfg)
+    ckpts = sorted((run_dir / "checkpoints").iterdir())
+    assert [c.name.split("-")[1] for c in ckpts] == ["cmg", "cmg_rpc"]
+    client, run, state = mlflow_run(cfg, run_dir)
+    # 4 train scenes, batch 2 -> 2 steps per epoch and stage
+    assert state["progress"]["step"] == 4
+    assert (state["progress"]["stage_index"], state["progress"]["epoch"]) == (1, 1)  # end of cmg_rpc
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["loss.rpc.eta"] == "0.8" and params["model.backbone_3d"] == "MinkUNet14A"
+    metrics = run.data.metrics
+    for key in ("cmg/loss", "cmg/loss/cls_3d", "cmg/loss/con_3d", "cmg/loss/con_2d", "cmg/lr",
+                "cmg_rpc/loss/rpc_3d", "cmg_rpc/loss/rpc_2d", "cmg_rpc/scenes_per_s",
+                "pseudo_3d_miou", "pseudo_2d_miou"):
+        assert key in metrics, key
+    # RPC thresholds counted the accepted points of both sides
+    assert int(state["thresholds"]["3d"]["counts"].sum()) > 0
+    assert int(state["thresholds"]["2d"]["counts"].sum()) > 0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.toml" in artifacts and "pseudo_3d" in artifacts
+    inner = {a.path for a in client.list_artifacts(run.info.run_id, "pseudo_3d")}
+    assert {"pseudo_3d/pseudo_3d_confusion.png", "pseudo_3d/pseudo_3d_iou.csv",
+            "pseudo_3d/pseudo_3d_iou.png"} <= inner
+
+    # Pseudo-labels: one file per train scene, every point labelled with a tagged class.
+    out = tmp / "pl"
+    summary = make_pseudo_labels(run_dir, out)
+    assert summary["labelled"] == 4
+    names = shards.load_manifest(cfg.data.root)["class_names"]
+    for path in shards.scene_paths(cfg.data.root, "train"):
+        scene = shards.read_scene(path, ["scene_id", "coord", "tags"])
+        pl = read_pseudo(pseudo_path(out, "train", scene["scene_id"]), scene["scene_id"], len(scene["coord"]))
+        assert set(np.unique(pl)) <= set(np.flatnonzero(scene["tags"]))  # masked softmax: tagged classes only
+    again = make_pseudo_labels(run_dir, out)  # resumable: nothing left to do
+    assert again["labelled"] == 0
+    conf = evaluate_pseudo_labels(out, cfg.data.root, "train", names)
+    labelled = sum(int((shards.read_scene(p, ["label"])["label"] != 255).sum())
+                   for p in shards.scene_paths(cfg.data.root, "train"))
+    assert int(conf.sum()) == labelled and 0.0 <= M.mean_iou(conf) <= 1.0
+
+    # Stage seg on those pseudo-labels, then val evaluation.
+    seg_dir = launch.segment(cfg, str(out))
+    result = evaluate_run(seg_dir, "val")
+    val_points = sum(int((shards.read_scene(p, ["label"])["label"] != 255).sum())
+                     for p in shards.scene_paths(cfg.data.root, "val"))
+    assert int(result["3d"].sum()) == val_points
+    assert "wall" in result["tables"] and "mIoU" in result["tables"]
+    _, seg_run, _ = mlflow_run(cfg, seg_dir)
+    assert "val_3d_miou" in seg_run.data.metrics and "seg/loss" in seg_run.data.metrics
+
+
+def test_gt_never_read_by_training(tiny, monkeypatch):
+    """Training and pseudo-labelling read no ground-truth column (only the monitor and
+    evaluation may): shards.read_scene / row decoding never sees label/instance/view_label
+    with monitoring off."""
+    from rayseg.data import pipeline
+
+    cfg, _ = tiny
+    cfg = cfgmod.replace(cfg, **{"data.monitor_scenes": 0})
+    seen: list[str] = []
+    original = pipeline.plan
+
+    def spy(*args, **kwargs):
+        p = original(*args, **kwargs)
+        seen.extend(p.read_columns)
+        return p
+
+    monkeypatch.setattr(pipeline, "plan", spy)
+    launch.train(cfg)
+    assert seen and not set(seen) & set(shards.GT_COLUMNS)
+
+
+def _state_vector(state: dict) -> torch.Tensor:
+    return torch.cat([v.float().reshape(-1) for v in state["student"].values()])
+
+
+def test_resume_after_kill_matches_uninterrupted(tiny, tmp_path):
+    """SIGKILL the training process after its first checkpoint, resume: same steps, same weights."""
+    cfg, _ = tiny
+    cfg = cfgmod.replace(cfg, **{"optim.cmg_epochs": 3, "optim.cmg_rpc_epochs": 0, "data.monitor_scenes": 0,
+                                 "tracking.runs_dir": str(tmp_path / "runs"), "data.num_views": 0})
+    reference = launch.train(cfg)
+    ref_state = torch.load(latest_checkpoint(reference), weights_only=False)
+
+    exp_file = tmp_path / "exp.toml"
+    exp_file.write_text(cfgmod.dumps(cfg))
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "rayseg", "train", str(exp_file)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    run_dir = None
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            runs = [d for d in (tmp_path / "runs").glob("tiny-train-*") if d != reference]
+            if runs and list((runs[0] / "checkpoints").glob("*/state.pt")):
+                run_dir = runs[0]
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert run_dir is not None, "no checkpoint appeared"
+    killed_at = torch.load(latest_checkpoint(run_dir), weights_only=False)["progress"]["step"]
+    assert killed_at < ref_state["progress"]["step"]
+
+    resumed = subprocess.run([sys.executable, "-m", "rayseg", "train", "--resume", str(run_dir)], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    state = torch.load(latest_checkpoint(run_dir), weights_only=False)
+    assert state["progress"]["step"] == ref_state["progress"]["step"]
+    torch.testing.assert_close(_state_vector(state), _state_vector(ref_state), rtol=1e-4, atol=1e-5)
+
+
+def _ddp_worker(config: dict) -> None:
+    """One gradient step's gradients under 2-worker gloo DDP, written by rank 0."""
+    import ray.train
+
+    from rayseg.train.loop import average_gradients, build_models, iter_rank_batches, to_device, two_branch_step
+    from rayseg import losses as L
+
+    cfg = cfgmod.build(config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    model, teacher = build_models(cfg, config["num_classes"], "cmg")
+    thresholds = {s: L.ThresholdState.from_config(cfg.loss.rpc, config["num_classes"]) for s in ("3d", "2d")}
+    batch = next(iter_rank_batches(cfg, "train", "train", 0, rank, world, 1))
+    loss, _, _ = two_branch_step(model, teacher, to_device(batch, torch.device("cpu")), cfg, "cmg_rpc", 10,
+                                 thresholds, torch.Generator().manual_seed(0))
+    loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    average_gradients(params, world)
+    if rank == 0:
+        torch.save([p.grad.clone() for p in params], config["out"])
+    ray.train.report({"done": 1})
+
+
+def test_ddp_gradients_match_single_process(tiny, tmp_path):
+    """2 CPU workers (gloo) with one scene each == one process averaging the two scenes' grads."""
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rayseg import losses as L
+    from rayseg.train.loop import build_models, iter_rank_batches, to_device, two_branch_step
+
+    cfg, _ = tiny
+    cfg = cfgmod.replace(cfg, **{"augment.mix3d": False})
+    num_classes = len(shards.load_manifest(cfg.data.root)["class_names"])
+    out = tmp_path / "grads.pt"
+    trainer = TorchTrainer(
+        _ddp_worker, train_loop_config={"config": cfgmod.flatten(cfgmod.to_dict(cfg)), "out": str(out),
+                                        "num_classes": num_classes},
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(name=f"ddp-{os.getpid()}-{time.time_ns()}", storage_path=str(tmp_path / "ray")))
+    trainer.fit()
+    ddp_grads = torch.load(out)
+
+    # Single process: the same two scenes (rank r takes scenes r::2 of epoch 0), one at a time.
+    per_scene = []
+    for rank in (0, 1):
+        model, teacher = build_models(cfg, num_classes, "cmg")
+        thresholds = {s: L.ThresholdState.from_config(cfg.loss.rpc, num_classes) for s in ("3d", "2d")}
+        batch = next(iter_rank_batches(cfg, "train", "train", 0, rank, 2, 1))
+        loss, _, _ = two_branch_step(model, teacher, to_device(batch, torch.device("cpu")), cfg, "cmg_rpc", 10,
+                                     thresholds, torch.Generator().manual_seed(0))
+        loss.backward()
+        per_scene.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                          for p in model.parameters() if p.requires_grad])
+    expected = [(a + b) / 2 for a, b in zip(*per_scene)]
+    assert len(expected) == len(ddp_grads)
+    for e, d in zip(expected, ddp_grads):
+        torch.testing.assert_close(d, e, rtol=1e-4, atol=1e-6)
