@@ -198,6 +198,28 @@ def cmd_partition_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stream(args: argparse.Namespace) -> int:
+    from rayseg.data import pipeline, shards
+    from rayseg.data.scene import SceneError
+
+    cfg = _load(args).config
+    split = args.split or (cfg.data.val_split if args.mode == "eval" else cfg.data.train_split)
+    try:
+        pipeline.plan(cfg.data.root, split, cfg, args.mode, args.epoch)  # named errors before Ray starts
+        if args.ray:
+            import os
+
+            import ray
+
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            ray.init(address=cfg.ray.address or None, include_dashboard=False)
+        pipeline.stream(cfg, split, args.mode, args.epoch, use_ray=args.ray, max_batches=args.batches)
+    except (FileNotFoundError, pipeline.PipelineError, shards.ShardError, SceneError) as exc:
+        print(f"stream: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayseg", description="rayseg: scene-level tags -> per-point pseudo-labels -> a 3D segmenter, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -320,6 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="log to this MLflow store (default tracking.uri; "
                    "not logged when neither is set)")
     p.set_defaults(func=cmd_partition_quality)
+
+    # stream (rayseg.data.pipeline)
+    p = sub.add_parser("stream", help="stream a split through the data pipeline: batch sizes and scenes/s")
+    _add_config_args(p, required=False)
+    p.add_argument("--split", default=None, help="default data.train_split (data.val_split for --mode eval)")
+    p.add_argument("--mode", choices=["train", "eval", "infer"], default="train")
+    p.add_argument("--epoch", type=int, default=0, help="epoch (scene order and augmentation draws)")
+    p.add_argument("--ray", action="store_true", help="through Ray Data (default: the plain loop)")
+    p.add_argument("--batches", type=int, default=0, help="stop after this many batches (0 = all)")
+    p.set_defaults(func=cmd_stream)
 
     # Subcommands of the other modules register here (one block each).
     return parser

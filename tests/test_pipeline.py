@@ -253,3 +253,15 @@ def test_ray_data_runs_beside_training_workers(dataset, ray_local):
     finally:
         for w in workers:
             ray_local.kill(w)
+
+
+def test_stream_command(dataset, capsys):
+    from rayseg import cli
+
+    sets = ["--set", f"data.root={dataset}", "--set", "data.region_column=test", "--set", "data.num_views=3",
+            "--set", "data.image_width=32", "--set", "data.image_height=24", "--set", "optim.batch_size=2"]
+    assert cli.main(["stream", *sets, "--mode", "eval"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 1: scenes ['scene05', 'scene06']" in out and "2 scenes in" in out
+    assert cli.main(["stream", *sets, "--set", "data.region_column=vccs"]) == 2
+    assert "region_vccs" in capsys.readouterr().err
