@@ -225,8 +225,10 @@ def test_flips_and_rotations_preserve_distances_and_rotate_normals():
 
 def test_removal_drops_exactly_the_floor_and_wall_regions_and_clears_their_tags():
     scene = room_scene()
+    scene["pseudo_label"] = scene["region_test"] + 100  # stage seg's targets stay aligned
     aug = cfgmod.AugmentConfig(remove_floor_p=1.0, remove_wall_p=0.0)
     out = T.remove_structures(scene, "region_test", SCANNET20, np.random.default_rng(0), aug)
+    np.testing.assert_array_equal(out["pseudo_label"], out["region_test"] + 100)
     assert out["tags"][FLOOR] == 0 and out["tags"][WALL] == 1 and out["tags"][TABLE] == 1
     np.testing.assert_array_equal(out["coord"], scene["coord"][scene["region_test"] != 0])
     np.testing.assert_array_equal(out["region_test"], scene["region_test"][scene["region_test"] != 0])
