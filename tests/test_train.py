@@ -161,7 +161,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny, tmp_path):
     try:
         while time.time() < deadline:
             runs = [d for d in (tmp_path / "runs").glob("tiny-train-*") if d != reference]
-            if runs and list((runs[0] / "checkpoints").glob("*/state.pt")):
+            if runs and latest_checkpoint(runs[0]) is not None:
                 run_dir = runs[0]
                 break
             assert proc.poll() is None, proc.stdout.read()

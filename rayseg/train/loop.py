@@ -276,7 +276,9 @@ class Progress:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("*/" + CHECKPOINT_FILE))
+    # Skip ".tmp-*" directories: a checkpoint being written (or killed mid-write) is not one.
+    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("*/" + CHECKPOINT_FILE)
+                   if not p.parent.name.startswith("."))
     return ckpts[-1] if ckpts else None
 
 
