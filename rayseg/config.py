@@ -102,7 +102,14 @@ class DataConfig:
     max_points: int = 0
     """Randomly subsample training scenes to at most this many points (0 = keep all)."""
     monitor_scenes: int = 8
-    """Train scenes held out as the pseudo-label quality monitor (evaluation only)."""
+    """First N train scenes (by id) whose GT is read, for evaluation only, to monitor pseudo-label
+    mIoU during training. They are trained on like every other scene: pseudo-labels are made
+    for training scenes, so that is where their quality is measured."""
+    loader: Literal["ray", "local"] = "ray"
+    """'ray': each worker streams its scenes through Ray Data; 'local': the same per-scene
+    pipeline in the worker process (fast unit tests, debugging)."""
+    pseudo_labels: str = ""
+    """Pseudo-label shard directory (output of `rayseg pseudo-label`) that stage seg trains on."""
 
     def __post_init__(self) -> None:
         _check(self.voxel_size > 0, "voxel_size", "must be > 0")
