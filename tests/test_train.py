@@ -214,6 +214,7 @@ def test_ddp_gradients_match_single_process(tiny, tmp_path):
 
     cfg, _ = tiny
     cfg = cfgmod.replace(cfg, **{"augment.mix3d": False})
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     num_classes = len(shards.load_manifest(cfg.data.root)["class_names"])
     out = tmp_path / "grads.pt"
     trainer = TorchTrainer(
@@ -238,5 +239,12 @@ def test_ddp_gradients_match_single_process(tiny, tmp_path):
                           for p in model.parameters() if p.requires_grad])
     expected = [(a + b) / 2 for a, b in zip(*per_scene)]
     assert len(expected) == len(ddp_grads)
-    for e, d in zip(expected, ddp_grads):
-        torch.testing.assert_close(d, e, rtol=1e-4, atol=1e-6)
+    # Workers run single-threaded, this process multi-threaded: float32 reduction order differs,
+    # and BN backward amplifies it to ~4e-4 relative (measured). A real bug (unaveraged sum,
+    # another scene, a missing all-reduce) is off by O(1).
+    rel = [float((d - e).norm() / e.norm()) for e, d in zip(expected, ddp_grads) if e.norm() > 0]
+    assert max(rel) < 5e-3, max(rel)
+    summed = [a + b for a, b in zip(*per_scene)]
+    assert max(float((d - s).norm() / s.norm()) for s, d in zip(summed, ddp_grads) if s.norm() > 0) > 0.3
+    one_scene = per_scene[0]
+    assert max(float((d - o).norm() / o.norm()) for o, d in zip(one_scene, ddp_grads) if o.norm() > 0) > 0.05
