@@ -42,6 +42,7 @@ from rayseg.teacher import ema_update, make_teacher
 
 CHECKPOINT_FILE = "state.pt"
 STAGES = ("cmg", "cmg_rpc", "seg")
+PROGRESS_SECONDS = 30.0  # a progress line at most this often (rank 0)
 
 # Batch keys that stay numpy / python (never tensors).
 _NON_TENSOR = {"scene_id"}
@@ -387,6 +388,7 @@ def train_func(loop_config: dict) -> None:
             total_steps = max(1, epochs * cfg.optim.loops_per_epoch * steps_per_loop)
             while progress.epoch < epochs:
                 t0, scenes, sums = time.time(), 0, {}
+                last_print = t0
                 student.train()
                 for loop_i in range(cfg.optim.loops_per_epoch):
                     data_epoch = (progress.stage_index * 100_000) + progress.epoch * cfg.optim.loops_per_epoch + loop_i
@@ -419,6 +421,12 @@ def train_func(loop_config: dict) -> None:
                         sums["_n"] = sums.get("_n", 0) + 1
                         tracker.log_metrics({f"{stage}/{k}": v for k, v in log.items()} | {f"{stage}/lr": lr},
                                             progress.step)
+                        if rank == 0 and time.time() - last_print > PROGRESS_SECONDS:
+                            last_print = time.time()
+                            done = progress.stage_step / total_steps
+                            print(f"[rayseg] {stage} epoch {progress.epoch + 1}/{epochs} step {progress.stage_step}/"
+                                  f"{total_steps} ({100 * done:.0f}%) loss={log['loss']:.4f} lr={lr:.4g} "
+                                  f"{scenes * world / max(time.time() - t0, 1e-9):.2f} scenes/s", flush=True)
                 elapsed = time.time() - t0
                 n = max(1, sums.pop("_n", 1))
                 summary = {f"{stage}/epoch_{k}": v / n for k, v in sums.items()}
