@@ -114,7 +114,8 @@ class ResNet2D(nn.Module):
         self.backbone = nn.Sequential(OrderedDict((k, getattr(net, k)) for k in _BACKBONE_LAYERS))
         self.classifier = nn.Conv2d(self.feature_dim, num_classes, kernel_size=1, bias=False)
         if init == "imagenet":
-            self.load_backbone(_load_imagenet_state(name), f"torchvision ImageNet weights for {name}")
+            self.load_backbone(backbone_state_from_checkpoint(_load_imagenet_state(name)),
+                               f"torchvision ImageNet weights for {name}")
         elif init != "none":
             if not os.path.isfile(init):
                 raise FileNotFoundError(f"model.init_2d: checkpoint file not found: {init} "

@@ -1,0 +1,199 @@
+"""The sparse-convolution layer: kernel maps, the hand-written backward, input checks, backends."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from rayseg.sparse import (BACKENDS, SparseInputError, check_input, get_backend, minkowski_status,
+                           to_points)
+from rayseg.sparse import torch_backend as tb
+from rayseg.sparse.coords import CoordinateManager
+from rayseg.sparse.surface import scanned_surface_voxels
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread for these tests. On a 2-core machine shared with other jobs every
+    2-thread op ends in an OpenMP barrier that waits a scheduler time slice for the other
+    thread; single-threaded, this module's runtime is predictable. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _two_scenes(n: int, seed: int = 0) -> torch.Tensor:
+    """(M, 4) [batch, x, y, z]: a surface scene and a shifted copy of part of it in batch 1."""
+    v = scanned_surface_voxels(n, seed=seed).astype(np.int64)
+    b0 = np.concatenate([np.zeros((len(v), 1), np.int64), v], axis=1)
+    b1 = np.concatenate([np.ones((len(v) // 3, 1), np.int64), v[: len(v) // 3] + 3], axis=1)
+    return torch.from_numpy(np.concatenate([b0, b1]))
+
+
+def _brute_force_conv_pairs(coords: list[list[int]], stride: int, kernel_size: int) -> dict[int, set]:
+    """weight index -> {(input row, output row)}: the neighbour at offset d * stride of each
+    voxel, offsets enumerated x fastest (MinkowskiEngine's order)."""
+    where = {tuple(c): i for i, c in enumerate(coords)}
+    r = kernel_size // 2
+    pairs = {}
+    for w, (dz, dy, dx) in enumerate(itertools.product(range(-r, r + 1), repeat=3)):
+        pairs[w] = {(where[n], o) for o, (b, x, y, z) in enumerate(coords)
+                    if (n := (b, x + dx * stride, y + dy * stride, z + dz * stride)) in where}
+    return pairs
+
+
+def _pairs_of(kmap) -> dict[int, set]:
+    got: dict[int, set] = {}
+    for w, rows_in, rows_out in kmap.pairs:
+        got.setdefault(w, set()).update(zip(rows_in.tolist(), rows_out.tolist()))
+    if kmap.identity is not None:
+        got.setdefault(kmap.identity, set()).update((i, i) for i in range(kmap.num_in))
+    return got
+
+
+def test_neighbour_maps_match_brute_force_at_every_stride():
+    coord = _two_scenes(700, seed=1)  # negative coordinates included
+    assert int(coord[:, 1:].min()) < 0
+    manager = CoordinateManager(coord)
+    for stride in (1, 2, 4):
+        coords = manager.coordinates(stride).tolist()
+        for kernel_size in (3, 5):
+            expected = _brute_force_conv_pairs(coords, stride, kernel_size)
+            got = _pairs_of(manager.conv_map(stride, kernel_size))
+            assert {w: p for w, p in got.items() if p} == {w: p for w, p in expected.items() if p}
+        # down-sampling: parent = floor(coordinate / 2s) * 2s, weight = child offset, x fastest
+        parents = manager.coordinates(2 * stride).tolist()
+        where = {tuple(c): i for i, c in enumerate(parents)}
+        expected_down: dict[int, set] = {}
+        for i, (b, x, y, z) in enumerate(coords):
+            p = (b, *((c // (2 * stride)) * 2 * stride for c in (x, y, z)))
+            ox, oy, oz = ((c - pc) // stride for c, pc in zip((x, y, z), p[1:]))
+            expected_down.setdefault(ox + 2 * oy + 4 * oz, set()).add((i, where[p]))
+        assert set(map(tuple, parents)) == {(b, *((c // (2 * stride)) * 2 * stride for c in xyz))
+                                             for b, *xyz in coords}
+        assert _pairs_of(manager.down_map(stride)) == expected_down
+        up = _pairs_of(manager.up_map(2 * stride))
+        assert up == {w: {(o, i) for i, o in p} for w, p in expected_down.items()}
+    # coordinates are multiples of the stride, rows unique, maps cached (built once)
+    for stride in (1, 2, 4, 8):
+        c = manager.coordinates(stride)
+        assert bool((c[:, 1:] % stride == 0).all()) and len(torch.unique(c, dim=0)) == len(c)
+    assert manager.conv_map(2, 3) is manager.conv_map(2, 3)
+
+
+def test_custom_backward_passes_float64_gradcheck():
+    coord = _two_scenes(40, seed=2)
+    manager = CoordinateManager(coord)
+    n = len(coord)
+    gen = torch.Generator().manual_seed(0)
+    cases = [  # (kernel map, input rows, kernel volume, gradcheck fast mode)
+        (manager.conv_map(1, 3), n, 27, False),
+        (manager.conv_map(1, 5), n, 125, True),  # full mode: 2 x 800 forwards, seconds
+        (manager.down_map(1), n, 8, False),
+        (manager.up_map(2), manager.num_voxels(2), 8, False),
+    ]
+    for kmap, rows, volume, fast in cases:
+        feats = torch.randn(rows, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+        kernel = torch.randn(volume, 3, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda f, k: tb.sparse_conv(f, k, kmap), (feats, kernel),
+                                        fast_mode=fast)
+
+
+def test_sparse_conv_equals_dense_reference():
+    """The layer computes out[o] = sum_w feats[in] @ kernel[w] over the brute-force pairs."""
+    coord = _two_scenes(300, seed=4)
+    x = tb.make_input(coord, torch.randn(len(coord), 4, dtype=torch.float64))
+    conv = tb.Conv(4, 5, kernel_size=3).double()
+    y = conv(x)
+    coords = x.coordinates.tolist()
+    expected = torch.zeros(len(coords), 5, dtype=torch.float64)
+    for w, pairs in _brute_force_conv_pairs(coords, 1, 3).items():
+        for i, o in pairs:
+            expected[o] += x.feats[i] @ conv.kernel[w]
+    torch.testing.assert_close(y.feats, expected, rtol=1e-12, atol=1e-12)
+    # features() returns rows in the caller's order
+    assert torch.equal(tb.features(x), x.manager.to_input_order(x.feats))
+    assert torch.equal(x.manager.to_input_order(x.manager.coordinates(1)), coord)
+
+
+def test_backward_keeps_no_per_offset_copies():
+    """Saved for backward: the layer input and the kernel only, whatever the kernel volume."""
+    coord = _two_scenes(500, seed=5)
+    x = tb.make_input(coord, torch.randn(len(coord), 8))
+    x = x.replace(x.feats.detach().requires_grad_(True))
+    conv = tb.Conv(8, 8, kernel_size=5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = conv(x)
+    assert sorted(saved) == sorted([x.feats.shape, conv.kernel.shape])
+    y.feats.sum().backward()
+    assert x.feats.grad.shape == x.feats.shape
+
+
+def test_input_checks_name_the_problem():
+    good_coord = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
+    good_feat = torch.randn(3, 2)
+    with pytest.raises(SparseInputError, match="empty input"):
+        tb.make_input(torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 2))
+    with pytest.raises(SparseInputError, match=r"coord: expected integer .*\(M, 4\)"):
+        tb.make_input(good_coord.float(), good_feat)
+    with pytest.raises(SparseInputError, match="feat: expected float features of shape"):
+        tb.make_input(good_coord, torch.randn(2, 2))
+    with pytest.raises(SparseInputError, match="takes 3 input channels, got 2"):
+        tb.make_input(good_coord, good_feat, in_channels=3)
+    bad = good_feat.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(SparseInputError, match="1 voxel.* with NaN/Inf features, first at row 2"):
+        tb.make_input(good_coord, bad)
+    dup = torch.tensor([[0, 5, 5, 5], [0, 1, 2, 3], [0, 5, 5, 5], [1, 5, 5, 5]])
+    with pytest.raises(SparseInputError, match=r"1 duplicate voxel .*\[0, 5, 5, 5\] at row 2"):
+        tb.make_input(dup, torch.randn(4, 2))
+    with pytest.raises(SparseInputError, match="batch index"):
+        check_input(torch.tensor([[-1, 0, 0, 0]]), torch.randn(1, 2))
+    # numpy inputs are accepted as they are
+    c, f = check_input(good_coord.numpy().astype(np.int32), good_feat.numpy())
+    assert c.dtype == torch.int64 and f.dtype == torch.float32
+
+
+def test_to_points_maps_voxel_values_back_through_inverse():
+    values = torch.tensor([[1.0], [2.0], [3.0]])
+    inverse = np.array([2, 0, 0, 1, 2])
+    assert to_points(values, inverse).flatten().tolist() == [3.0, 1.0, 1.0, 2.0, 3.0]
+
+
+def test_unknown_backend_lists_available_and_minkowski_status():
+    assert set(BACKENDS) == {"torch", "minkowski"}
+    with pytest.raises(ValueError) as err:
+        get_backend("spconv")
+    msg = str(err.value)
+    assert "'spconv'" in msg and "torch, minkowski" in msg and "minkowski is" in msg
+    assert minkowski_status() in msg
+    assert get_backend("torch") is tb
+
+
+@pytest.mark.gpu
+def test_torch_backend_cuda_matches_cpu():
+    assert torch.cuda.is_available(), "the gpu marker needs a CUDA device"
+    from rayseg.models.minkunet import build_minkunet
+
+    v = scanned_surface_voxels(20000, seed=7)
+    coord = torch.from_numpy(np.c_[np.zeros(len(v), np.int64), v])
+    gen = torch.Generator().manual_seed(0)
+    feat = torch.rand(len(v), 6, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 20, (len(v),), generator=gen)
+    torch.manual_seed(0)
+    model = build_minkunet("MinkUNet18A", 6, 20).double()
+    results = []
+    for device in ("cpu", "cuda"):
+        model.to(device).zero_grad()
+        f = feat.to(device).requires_grad_(True)
+        features, logits = model(coord.to(device), f)
+        torch.nn.functional.cross_entropy(logits, labels.to(device)).backward()
+        results.append([t.detach().cpu() for t in (features, logits, f.grad)]
+                       + [p.grad.cpu() for p in model.parameters()])
+    for cpu, cuda in zip(*results):
+        assert float((cpu - cuda).abs().max() / cpu.abs().max().clamp_min(1e-30)) < 1e-8
