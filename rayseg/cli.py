@@ -220,6 +220,12 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    from rayseg.sparse import bench
+
+    return bench.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayseg", description="rayseg: scene-level tags -> per-point pseudo-labels -> a 3D segmenter, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -352,6 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="through Ray Data (default: the plain loop)")
     p.add_argument("--batches", type=int, default=0, help="stop after this many batches (0 = all)")
     p.set_defaults(func=cmd_stream)
+
+    # bench-model (rayseg.sparse.bench)
+    p = sub.add_parser("bench-model", help="time MinkUNet18A forward+backward: torch sparse backend vs MinkowskiEngine")
+    p.add_argument("--voxels", type=int, default=100_000, help="voxels of the scanned-surface-like scene")
+    p.add_argument("--voxel-size", type=float, default=0.02, help="voxel size in metres (default 0.02)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per backend (0 = library default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backends", default="torch,minkowski", help="comma-separated (default torch,minkowski)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one backend, print JSON
+    p.set_defaults(func=cmd_bench_model)
 
     # Subcommands of the other modules register here (one block each).
     return parser

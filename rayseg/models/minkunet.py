@@ -103,6 +103,11 @@ class MinkUNet(nn.Module):
         self.relu = sp.ReLU()
         self._init_weights()
 
+    @property
+    def sparse(self):
+        """The sparse backend module (looked up by name: the model pickles without it)."""
+        return get_backend(self.backend)
+
     def _init_weights(self) -> None:
         # MinkowskiEngine's MinkUNet init: kaiming normal (fan out, ReLU) for the convolutions,
         # BN weight 1 / bias 0; transposed convs keep the backend's default.
