@@ -226,6 +226,32 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from rayseg import export
+    from rayseg.data import shards
+
+    try:
+        export.run_export(args.source, args.what, args.out, args.format, args.scene_ids, args.scenes,
+                          args.split, args.pseudo_labels)
+    except (export.ExportError, FileNotFoundError, shards.ShardError) as exc:
+        print(f"export: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from rayseg import export
+    from rayseg.data import shards
+
+    try:
+        export.run_render(args.source, args.what, args.out, args.scene_ids, args.scenes, args.split,
+                          args.pseudo_labels)
+    except (export.ExportError, FileNotFoundError, shards.ShardError) as exc:
+        print(f"render: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayseg", description="rayseg: scene-level tags -> per-point pseudo-labels -> a 3D segmenter, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -369,6 +395,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="torch,minkowski", help="comma-separated (default torch,minkowski)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one backend, print JSON
     p.set_defaults(func=cmd_bench_model)
+
+    # export / render (rayseg.export)
+    for name, helptext in (("export", "coloured PLY files (one colour per class) of GT, pseudo-labels, predictions"),
+                           ("render", "PNG pictures (top-down + oblique) of GT vs pseudo-labels vs predictions")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("source", metavar="SCENE_OR_RUN",
+                       help="a shard file, a prepared dataset folder, or a run directory")
+        p.add_argument("--what", default="gt", help="comma-separated label sets: gt,pseudo,pred (default gt)")
+        if name == "export":
+            p.add_argument("--format", choices=["ply"], default="ply", help="file format (default ply)")
+        p.add_argument("--out", default=None, help="output folder (default RUN/export, else ./export)")
+        p.add_argument("--scene", dest="scene_ids", action="append", default=[], metavar="ID",
+                       help="scene id of a dataset or run (repeatable; default: the first --scenes)")
+        p.add_argument("--scenes", type=int, default=1, metavar="N", help="the first N scenes (default 1)")
+        p.add_argument("--split", default=None,
+                       help="split to pick scenes from (run default: train with pseudo, else val)")
+        p.add_argument("--pseudo-labels", default=None, metavar="DIR",
+                       help="pseudo-label folder (default: the run's pseudo_labels/ or its training labels)")
+        p.set_defaults(func=cmd_export if name == "export" else cmd_render)
 
     # Subcommands of the other modules register here (one block each).
     return parser
