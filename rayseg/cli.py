@@ -220,10 +220,17 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_model(args: argparse.Namespace) -> int:
-    from rayseg.sparse import bench
+def cmd_tune(args: argparse.Namespace) -> int:
+    from rayseg.train import tune
 
-    return bench.run(args)
+    try:
+        sweep = tune.prepare_sweep(args.config, args.overrides, name=args.name, resume=args.resume)
+    except tune.SweepError as exc:
+        print(f"tune: {exc}", file=sys.stderr)
+        return 2
+    result = tune.run_sweep(sweep)
+    print(f"sweep directory: {result['sweep_dir']}")
+    return 1 if result["errors"] else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -250,6 +257,12 @@ def cmd_render(args: argparse.Namespace) -> int:
         print(f"render: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    from rayseg.sparse import bench
+
+    return bench.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,16 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=0, help="stop after this many batches (0 = all)")
     p.set_defaults(func=cmd_stream)
 
-    # bench-model (rayseg.sparse.bench)
-    p = sub.add_parser("bench-model", help="time MinkUNet18A forward+backward: torch sparse backend vs MinkowskiEngine")
-    p.add_argument("--voxels", type=int, default=100_000, help="voxels of the scanned-surface-like scene")
-    p.add_argument("--voxel-size", type=float, default=0.02, help="voxel size in metres (default 0.02)")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up step")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per backend (0 = library default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backends", default="torch,minkowski", help="comma-separated (default torch,minkowski)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one backend, print JSON
-    p.set_defaults(func=cmd_bench_model)
+    # tune (rayseg.train.tune)
+    p = sub.add_parser("tune", help="Ray Tune sweep over an experiment file's [grid] (one MLflow child run per point)")
+    _add_config_args(p)
+    p.add_argument("--name", default=None, help="sweep name (default <config name>-sweep-<time>-<id>); "
+                   "with --resume: the sweep to continue (default: the newest sweep of this config)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep (Tuner.restore); complete trials are not redone")
+    p.set_defaults(func=cmd_tune)
 
     # export / render (rayseg.export)
     for name, helptext in (("export", "coloured PLY files (one colour per class) of GT, pseudo-labels, predictions"),
@@ -414,6 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pseudo-labels", default=None, metavar="DIR",
                        help="pseudo-label folder (default: the run's pseudo_labels/ or its training labels)")
         p.set_defaults(func=cmd_export if name == "export" else cmd_render)
+
+    # bench-model (rayseg.sparse.bench)
+    p = sub.add_parser("bench-model", help="time MinkUNet18A forward+backward: torch sparse backend vs MinkowskiEngine")
+    p.add_argument("--voxels", type=int, default=100_000, help="voxels of the scanned-surface-like scene")
+    p.add_argument("--voxel-size", type=float, default=0.02, help="voxel size in metres (default 0.02)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per backend (0 = library default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backends", default="torch,minkowski", help="comma-separated (default torch,minkowski)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one backend, print JSON
+    p.set_defaults(func=cmd_bench_model)
 
     # Subcommands of the other modules register here (one block each).
     return parser

@@ -403,18 +403,42 @@ class TrackingConfig:
     """Directory for run outputs (checkpoints, pseudo-labels, the default sqlite store)."""
 
 
+TUNE_EPOCH_METRICS = ("pseudo_miou_3d", "pseudo_miou_2d")
+"""Reported by the training loop every epoch (teacher pseudo-labels on the monitor subset)."""
+TUNE_FINAL_METRICS = ("pseudo_final_miou_3d", "pseudo_final_miou_2d", "val_miou_3d")
+"""Reported once at the end of a trial (all train scenes; val_miou_3d needs tune.with_seg)."""
+
+
 @dataclass(kw_only=True)
 class TuneConfig:
     """Ray Tune sweep settings (the grid itself is the file's [grid] table)."""
 
     max_concurrent: int = 0
-    """Max concurrent trials (0 = derived from the cluster)."""
+    """Max concurrent trials (0 = derived from the cluster's CPUs/GPUs and the trial's resources)."""
     max_failures: int = 1
-    """Retries per failed trial."""
+    """Retries per failed trial (a retried trial resumes from its newest checkpoint)."""
     asha: bool = False
     """ASHA early stopping on the monitored pseudo-label mIoU."""
     metric: str = "pseudo_miou_3d"
-    """Metric Tune optimises/reports (never a val metric by default)."""
+    """Metric Tune optimises/reports (never a val metric by default): one of TUNE_EPOCH_METRICS
+    (per epoch, monitor subset) or TUNE_FINAL_METRICS (end of trial only)."""
+    with_seg: bool = False
+    """After pseudo-labelling, also train stage seg on the trial's pseudo-labels and evaluate it on
+    val (val_miou_3d). Off: a trial ends with the pseudo-label mIoU (what Tables 2-8 report)."""
+    asha_grace_epochs: int = 1
+    """ASHA: epochs every trial runs before it may be stopped."""
+    asha_reduction_factor: int = 2
+    """ASHA: keep the top 1/factor of trials at each rung."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_concurrent >= 0, "max_concurrent", "must be >= 0 (0 = from the cluster)")
+        _check(self.max_failures >= 0, "max_failures", "must be >= 0")
+        known = TUNE_EPOCH_METRICS + TUNE_FINAL_METRICS
+        _check(self.metric in known, "metric", f"must be one of {list(known)}, got {self.metric!r}")
+        _check(not (self.asha and self.metric not in TUNE_EPOCH_METRICS), "asha",
+               f"ASHA needs a per-epoch metric (tune.metric in {list(TUNE_EPOCH_METRICS)})")
+        _check(self.asha_grace_epochs >= 1, "asha_grace_epochs", "must be >= 1")
+        _check(self.asha_reduction_factor >= 2, "asha_reduction_factor", "must be >= 2")
 
 
 @dataclass(kw_only=True)
@@ -637,10 +661,30 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Experimen
     return exp
 
 
+GRID_ROWS = "rows"
+"""[grid] key of explicit points: ``[[grid.rows]]`` tables of dotted keys, for ablations whose rows
+are not a product (e.g. Table 2's component rows). Every row is combined with every point of the
+product of the other [grid] keys."""
+
+
 def grid_points(exp: Experiment) -> list[dict[str, Any]]:
-    """Cartesian product of the [grid] table, as a list of {dotted_key: value}."""
-    keys = list(exp.grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(exp.grid[k] for k in keys))]
+    """The [grid] as a list of {dotted_key: value}: the Cartesian product of its list-valued keys,
+    times its explicit rows (rows outermost, in file order)."""
+    keys = [k for k in exp.grid if k != GRID_ROWS]
+    rows: list[dict[str, Any]] = [{}]
+    if GRID_ROWS in exp.grid:
+        rows = []
+        for i, row in enumerate(exp.grid[GRID_ROWS]):
+            if not isinstance(row, dict) or not row:
+                raise ConfigError(f"grid.rows[{i}]: must be a non-empty table of dotted keys, got {row!r} "
+                                  f"(set in {exp.path})")
+            flat_row = flatten(row)
+            clash = sorted(set(flat_row) & set(keys))
+            if clash:
+                raise ConfigError(f"grid.rows[{i}]: {clash} also listed as [grid] product keys (set in {exp.path})")
+            rows.append(flat_row)
+    product = [dict(zip(keys, combo)) for combo in itertools.product(*(exp.grid[k] for k in keys))]
+    return [{**point, **row} for row in rows for point in product]
 
 
 def apply(exp: Experiment, point: dict[str, Any], source: str = "grid") -> Config:

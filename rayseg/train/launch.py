@@ -71,8 +71,10 @@ def load_run(run_dir: str | Path) -> cfgmod.Config:
     return cfgmod.load(path).config
 
 
-def fit(cfg: cfgmod.Config, run_dir: Path, stages: list[str], parent_run_id: str | None = None) -> dict:
+def fit(cfg: cfgmod.Config, run_dir: Path, stages: list[str], parent_run_id: str | None = None,
+        callbacks: list | None = None) -> dict:
     """Run the stages in a TorchTrainer (num_workers 0 = Ray Train local mode, same process).
+    `callbacks` go to the trainer's RunConfig (e.g. Tune's TuneReportCallback inside a trial).
     Returns the last reported metrics."""
     from rayseg.partition import is_oracle
 
@@ -100,7 +102,8 @@ def fit(cfg: cfgmod.Config, run_dir: Path, stages: list[str], parent_run_id: str
             name=f"{run_dir.name}-{'-'.join(stages)}-{uuid.uuid4().hex[:6]}",
             storage_path=str(run_dir / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks or [])),
     )
     result = trainer.fit()
     return dict(result.metrics or {})

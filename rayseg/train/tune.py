@@ -1,0 +1,594 @@
+"""`rayseg tune`: an experiment file's [grid] as a Ray Tune sweep.
+
+One trial per grid point (config.grid_points: the product of the list keys, times the explicit
+``[[grid.rows]]``). A trial is a plain function (the Ray Train V2 pattern) that applies its point
+to the config and runs, in its own trial directory:
+
+1. stages cmg -> cmg_rpc in a TorchTrainer (`launch.fit`) with at least one Ray Train worker
+   (Train's local mode, ``ray.num_workers = 0``, would run the loop inside the trial's Tune
+   session, where Ray refuses the ray.train API); per-epoch metrics reach Tune through
+   TuneReportCallback, so ASHA can stop a trial between epochs;
+2. pseudo-labels of the train split from the EMA teacher (`pseudo.make_pseudo_labels`) and their
+   mIoU against GT, 3D and 2D (evaluation only);
+3. optionally (``tune.with_seg``) stage seg on those pseudo-labels and its val mIoU.
+
+Everything a sweep needs is checked before Ray starts a trial: every grid point validates
+(config.apply), the dataset exists, every region column the grid names has been computed, every
+point's view count is stored, and the 2D initialisations load.
+
+Layout: ``<runs_dir>/<sweep name>/`` holds ``sweep.json`` (the resolved config, the points, the
+MLflow parent run id), ``tune/`` (Ray Tune's experiment state, what ``--resume`` restores) and
+``trials/<tNNN-...>/`` (one run directory per trial: config.toml, checkpoints, pseudo-labels,
+``result.json`` once the trial is complete). A complete trial is never redone: a restored or
+retried trial that finds its result.json reports it again and returns; one interrupted mid-way
+resumes from its newest checkpoint.
+
+MLflow: one parent run per sweep (tags rayseg.sweep, rayseg.grid_keys, rayseg.file; one param per
+point, ``trial/NNN``) and one child run per trial (the training loop's run, tag mlflow.parentRunId;
+its params are the trial's full config, grid point included).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rayseg import config as cfgmod
+
+SWEEP_FILE = "sweep.json"
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+RESULT_FILE = "result.json"
+# Settings of the whole sweep (resources, tracking, Tune itself): never a per-trial grid value.
+SWEEP_LEVEL_SECTIONS = ("tune.", "tracking.", "ray.")
+# Config values that are paths: made absolute before trials start (Tune runs trials in their own
+# working directories; a resumed sweep may be started from another directory).
+PATH_KEYS = ("data.root", "data.pseudo_labels", "tracking.runs_dir", "model.init_2d", "model.init_3d")
+# MLflow tags of sweep runs.
+TAG_SWEEP = "rayseg.sweep"
+TAG_ROLE = "rayseg.sweep_role"
+TAG_GRID_KEYS = "rayseg.grid_keys"
+TAG_TRIAL = "rayseg.trial_index"
+TAG_POINT = "rayseg.grid_point"
+TAG_SUPERSEDED = "rayseg.superseded"
+
+
+class SweepError(ValueError):
+    """A sweep cannot start: bad grid, missing data, missing region columns or weights."""
+
+
+@dataclass
+class Sweep:
+    """A validated sweep, ready to run (nothing has started yet)."""
+
+    name: str
+    file: str
+    experiment: cfgmod.Experiment
+    points: list[dict[str, Any]]
+    sweep_dir: Path
+    resume: bool
+
+    @property
+    def config(self) -> cfgmod.Config:
+        return self.experiment.config
+
+    @property
+    def grid_keys(self) -> list[str]:
+        """Every key some point sets, in first-seen order."""
+        return list(dict.fromkeys(k for p in self.points for k in p))
+
+
+# --------------------------------------------------------------------------------------------
+# Before Ray: resolve the sweep and check everything it needs
+# --------------------------------------------------------------------------------------------
+
+
+def trial_dir_name(index: int, point: dict[str, Any]) -> str:
+    """'t003-0.8-region-adaptive': the trial's index and values (also its MLflow run name)."""
+    values = "-".join(Path(v).stem if isinstance(v, str) and "/" in v else str(v) for v in point.values())
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", values).strip("-")[:60]
+    return f"t{index:03d}" + (f"-{slug}" if slug else "")
+
+
+def _absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """values with every PATH_KEYS entry that is a relative path made absolute (from the cwd,
+    as every rayseg command reads them)."""
+    out = dict(values)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if not isinstance(value, str) or not value or (key == "model.init_2d" and value in ("imagenet", "none")):
+            continue
+        out[key] = str(Path(value).expanduser().resolve())
+    return out
+
+
+def _sweep_dirs(runs_dir: Path, config_name: str) -> list[Path]:
+    found = [d for d in runs_dir.glob(f"{config_name}-sweep-*") if (d / SWEEP_FILE).is_file()]
+    return sorted(found, key=lambda d: (d / SWEEP_FILE).stat().st_mtime)
+
+
+def prepare_sweep(path: str | Path, overrides: list[str] = (), name: str | None = None,
+                  resume: bool = False) -> Sweep:
+    """Load and check a sweep; raises ConfigError / SweepError before anything runs.
+
+    New sweep: `name` defaults to '<config name>-sweep-<time>-<hex>'. Resume: the named sweep,
+    or the newest sweep of this config under runs_dir; its stored config and points are used."""
+    exp = cfgmod.load(path, list(overrides))  # every grid point is validated here (config.apply)
+    runs_dir = Path(exp.config.tracking.runs_dir).resolve()
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise SweepError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
+    if resume:
+        if overrides:
+            raise SweepError("--resume continues a sweep exactly as it was started; drop the --set overrides")
+        if name is not None:
+            sweep_dir = runs_dir / name
+        else:
+            candidates = _sweep_dirs(runs_dir, exp.config.name)
+            if not candidates:
+                raise SweepError(f"--resume: no sweep of {exp.config.name!r} under {runs_dir} (start one without --resume)")
+            sweep_dir = candidates[-1]
+        if not (sweep_dir / SWEEP_FILE).is_file():
+            raise SweepError(f"--resume: {sweep_dir} is not a rayseg sweep (no {SWEEP_FILE})")
+        stored = json.loads((sweep_dir / SWEEP_FILE).read_text())
+        exp = cfgmod.Experiment(config=cfgmod.build(stored["config"]), grid=stored["grid"],
+                                path=stored["file"])
+        points = stored["points"]
+        sweep_name = stored["name"]
+    else:
+        if not exp.grid:
+            raise SweepError(f"{path}: no [grid] table, nothing to sweep (use `rayseg train` for one run)")
+        sweep_name = name or f"{exp.config.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        sweep_dir = runs_dir / sweep_name
+        if sweep_dir.exists():
+            raise SweepError(f"sweep directory {sweep_dir} already exists: pass --resume to continue it, "
+                             f"or another --name")
+        points = [_absolute_paths(p) for p in cfgmod.grid_points(exp)]
+        base = _absolute_paths(cfgmod.flatten(cfgmod.to_dict(exp.config)))
+        exp = cfgmod.Experiment(config=cfgmod.build(base, exp.sources), grid=exp.grid, sources=exp.sources,
+                                path=exp.path)
+    sweep = Sweep(name=sweep_name, file=str(Path(exp.path).resolve()) if exp.path else "", experiment=exp,
+                  points=points, sweep_dir=sweep_dir, resume=resume)
+    check_sweep(sweep)
+    return sweep
+
+
+def trial_configs(sweep: Sweep) -> list[cfgmod.Config]:
+    return [cfgmod.apply(sweep.experiment, p, source=f"{sweep.file} [grid]") for p in sweep.points]
+
+
+def check_sweep(sweep: Sweep) -> None:
+    """Every problem the sweep would hit in a trial, found now and reported together."""
+    problems: list[str] = []
+    file = sweep.file or "the experiment"
+    for key in sweep.grid_keys:
+        if key.startswith(SWEEP_LEVEL_SECTIONS):
+            problems.append(f"grid key {key} (in {file}): [{key.split('.')[0]}] settings apply to the whole "
+                            f"sweep and cannot vary per trial")
+    cfgs = trial_configs(sweep)
+    problems += _check_metrics(sweep, cfgs)
+    problems += _check_datasets(sweep, cfgs)
+    problems += _check_models(sweep, cfgs)
+    if problems:
+        raise SweepError(f"sweep {sweep.name} ({file}) cannot start:\n  - " + "\n  - ".join(problems))
+
+
+def _point_text(point: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in point.items()) or "(base config)"
+
+
+def _check_metrics(sweep: Sweep, cfgs: list[cfgmod.Config]) -> list[str]:
+    t = sweep.config.tune
+    problems = []
+    if t.metric == "val_miou_3d" and not t.with_seg:
+        problems.append("tune.metric = 'val_miou_3d' needs tune.with_seg = true")
+    for point, cfg in zip(sweep.points, cfgs):
+        where = _point_text(point)
+        if cfg.optim.cmg_epochs + cfg.optim.cmg_rpc_epochs == 0:
+            problems.append(f"grid point {where}: optim.cmg_epochs and optim.cmg_rpc_epochs are both 0")
+        if t.with_seg and cfg.optim.seg_epochs == 0:
+            problems.append(f"grid point {where}: tune.with_seg needs optim.seg_epochs > 0")
+        if t.metric in cfgmod.TUNE_EPOCH_METRICS and cfg.data.monitor_scenes == 0:
+            problems.append(f"grid point {where}: tune.metric = {t.metric!r} is reported by the monitor, "
+                            f"but data.monitor_scenes = 0")
+        if t.metric.endswith("_2d") and cfg.data.num_views == 0:
+            problems.append(f"grid point {where}: tune.metric = {t.metric!r} needs views (data.num_views = 0); "
+                            f"use a 3D metric")
+    return problems
+
+
+def _check_datasets(sweep: Sweep, cfgs: list[cfgmod.Config]) -> list[str]:
+    from rayseg.data import pipeline, shards
+    from rayseg.data.scene import SceneError
+
+    problems = []
+    by_root: dict[str, list[tuple[dict, cfgmod.Config]]] = {}
+    for point, cfg in zip(sweep.points, cfgs):
+        by_root.setdefault(cfg.data.root, []).append((point, cfg))
+    for root, members in by_root.items():
+        try:
+            manifest = shards.load_manifest(root)
+        except (FileNotFoundError, NotADirectoryError, shards.ShardError) as exc:
+            problems.append(f"data.root {root}: {exc}. Prepare it first, e.g. "
+                            f"`rayseg prepare synthetic {sweep.file} --out {root}`")
+            continue
+        splits = {cfg.data.train_split for _, cfg in members}
+        if sweep.config.tune.with_seg:
+            splits |= {cfg.data.val_split for _, cfg in members}
+        entries = [e for e in manifest["scenes"] if e["split"] in splits]
+        # Region columns: all missing ones in one message, with the command that computes them.
+        needed = list(dict.fromkeys(cfg.data.region_column for _, cfg in members if cfg.data.region_column))
+        missing = [m for m in needed if not entries or any(m not in e.get("regions", []) for e in entries)]
+        if missing:
+            methods = " ".join(f"--method {m}" for m in missing)
+            problems.append(f"dataset {root} lacks region column(s) {missing} that the grid needs "
+                            f"(data.region_column); compute them first:\n      rayseg partition {root} {methods}"
+                            + (f" --config {sweep.file}" if sweep.file else ""))
+        # Views: sampling silently takes fewer views than asked when a scene stores fewer.
+        for point, cfg in members:
+            train = [e for e in manifest["scenes"] if e["split"] == cfg.data.train_split]
+            if not cfg.data.num_views or not train:
+                continue
+            fewest = min(train, key=lambda e: e.get("num_views") or 0)
+            if (fewest.get("num_views") or 0) < cfg.data.num_views:
+                problems.append(f"grid point {_point_text(point)}: data.num_views = {cfg.data.num_views} but scene "
+                                f"{fewest['scene_id']} of {root} stores only {fewest.get('num_views') or 0} views; "
+                                f"prepare the dataset with more views (synthetic.num_views / --views)")
+        # Everything else the data layer checks (splits, columns), once per distinct data setting.
+        if not missing:
+            seen = set()
+            for point, cfg in members:
+                key = (cfg.data.train_split, cfg.data.region_column, cfg.data.num_views)
+                if key in seen:
+                    continue
+                seen.add(key)
+                try:
+                    pipeline.plan(root, cfg.data.train_split, cfg, "train")
+                except (FileNotFoundError, pipeline.PipelineError, shards.ShardError, SceneError) as exc:
+                    problems.append(f"grid point {_point_text(point)}: {exc}")
+    return problems
+
+
+def _check_models(sweep: Sweep, cfgs: list[cfgmod.Config]) -> list[str]:
+    """Build each distinct 2D initialisation once: missing ImageNet weights or checkpoint files
+    fail here with the models' own message instead of inside a trial."""
+    from rayseg.data import shards
+    from rayseg.models.resnet2d import ResNet2D
+
+    problems = []
+    seen: set[tuple[str, str]] = set()
+    for point, cfg in zip(sweep.points, cfgs):
+        if cfg.model.init_3d and not Path(cfg.model.init_3d).is_file():
+            problems.append(f"grid point {_point_text(point)}: model.init_3d: file not found: {cfg.model.init_3d}")
+        key = (cfg.model.backbone_2d, cfg.model.init_2d)
+        if key in seen or cfg.model.init_2d == "none":
+            continue
+        seen.add(key)
+        try:
+            num_classes = len(shards.load_manifest(cfg.data.root)["class_names"])
+        except (FileNotFoundError, NotADirectoryError, shards.ShardError, KeyError):
+            num_classes = 20  # the dataset problem is reported by _check_datasets
+        try:
+            ResNet2D(cfg.model.backbone_2d, num_classes, init=cfg.model.init_2d)
+        except (RuntimeError, FileNotFoundError, ValueError, KeyError) as exc:
+            problems.append(f"grid point {_point_text(point)}: model.init_2d = {cfg.model.init_2d!r} "
+                            f"({cfg.model.backbone_2d}): {exc}")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Resources
+# --------------------------------------------------------------------------------------------
+
+
+def trial_workers(cfg: cfgmod.Config) -> cfgmod.Config:
+    """A trial's training config: at least one Ray Train worker (see the module docstring)."""
+    if cfg.ray.num_workers >= 1:
+        return cfg
+    return cfgmod.replace(cfg, **{"ray.num_workers": 1})
+
+
+def trial_resources(cfg: cfgmod.Config, cluster: dict[str, float]) -> dict[str, float]:
+    """What Tune reserves for a trial's own process. The trial only drives a TorchTrainer whose
+    workers reserve their own CPUs/GPUs (and the pseudo-label actors theirs): a sliver of the
+    TRAIN_DRIVER resource (Ray rejects {'CPU': 0} alone)."""
+    from rayseg.train.launch import TRAIN_DRIVER_RESOURCE
+
+    if cluster.get(TRAIN_DRIVER_RESOURCE, 0) > 0:
+        return {"CPU": 0, TRAIN_DRIVER_RESOURCE: 0.01}
+    print(f"[rayseg] the cluster declares no {TRAIN_DRIVER_RESOURCE} resource (see cluster/): trial drivers "
+          f"reserve 0.01 CPU instead", flush=True)
+    return {"CPU": 0.01}
+
+
+def max_concurrent_trials(cfg: cfgmod.Config, cluster: dict[str, float], num_points: int) -> int:
+    """tune.max_concurrent, or (when 0) as many trials as the cluster's CPUs and GPUs hold: each
+    trial's workers (at least one), keeping one CPU free for Ray
+    Data and the pseudo-label actors."""
+    if cfg.tune.max_concurrent:
+        return min(cfg.tune.max_concurrent, num_points)
+    workers = max(1, cfg.ray.num_workers)
+    cpus = cluster.get("CPU", 0.0)
+    by_cpu = math.floor((cpus - (1 if cpus > 1 else 0)) / (workers * cfg.ray.cpus_per_worker) + 1e-9)
+    n = max(1, by_cpu)
+    if cfg.ray.use_gpu:
+        gpus = cluster.get("GPU", 0.0)
+        if gpus < workers:
+            print(f"[rayseg] the cluster has {gpus:g} GPU(s) now (autoscaling?): one trial at a time; "
+                  f"set tune.max_concurrent to run more", flush=True)
+            n = 1
+        else:
+            n = min(n, math.floor(gpus / workers))
+    return max(1, min(n, num_points))
+
+
+# --------------------------------------------------------------------------------------------
+# One trial
+# --------------------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _mlflow_client(cfg: cfgmod.Config):
+    import mlflow
+
+    from rayseg.train.tracking import tracking_uri
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
+
+
+def _supersede_stale_runs(cfg: cfgmod.Config, parent_run_id: str, run_name: str, keep: str | None) -> None:
+    """Child runs of this trial left behind by an interrupted attempt that never checkpointed
+    (a fresh attempt makes a new one): tagged superseded and marked KILLED, so each trial has
+    exactly one live child run."""
+    client = _mlflow_client(cfg)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                                                                 f"and tags.mlflow.runName = '{run_name}'")
+    for run in runs:
+        if run.info.run_id != keep and run.data.tags.get(TAG_SUPERSEDED) != "true":
+            client.set_tag(run.info.run_id, TAG_SUPERSEDED, "true")
+            client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def _pseudo_2d_confusion(run_dir: str) -> Any:
+    """Confusion of the EMA teacher's 2D pseudo-labels (masked softmax -> view-region mean ->
+    argmax) against the view GT over the whole train split. GT is read for the metric only."""
+    import torch
+
+    from rayseg.data import shards
+    from rayseg.evaluate import load_checkpoint
+    from rayseg.models.twobranch import TwoBranchModel
+    from rayseg.train.launch import load_run
+    from rayseg.train.loop import pseudo_label_confusion
+
+    cfg = load_run(run_dir)
+    num_classes = len(shards.load_manifest(cfg.data.root)["class_names"])
+    device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
+    model = TwoBranchModel(cfgmod.replace(cfg, **{"model.init_2d": "none"}).model, num_classes)
+    model.load_state_dict(load_checkpoint(Path(run_dir))["teacher"])
+    model.to(device)
+    return pseudo_label_confusion(model, cfg, num_classes, 0, 1, device, None)["2d"]
+
+
+def run_trial(config: dict, sweep: dict) -> None:
+    """Tune trial function. config["trial"]: {"index", "point"}; sweep: {"config" (flat), "file",
+    "sweep_dir", "parent_run_id", "grid", "name"}."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from rayseg.train import launch
+    from rayseg.train.loop import latest_checkpoint
+
+    trial = config["trial"]
+    exp = cfgmod.Experiment(config=cfgmod.build(sweep["config"]), grid=sweep["grid"], path=sweep["file"])
+    cfg = trial_workers(cfgmod.apply(exp, trial["point"], source=f"{sweep['file']} [grid]"))
+    trial_dir = Path(sweep["sweep_dir"]) / TRIALS_DIR / trial_dir_name(trial["index"], trial["point"])
+    result_file = trial_dir / RESULT_FILE
+    if result_file.is_file():  # complete in an earlier attempt: report it again, redo nothing
+        print(f"[rayseg] trial {trial_dir.name} already complete ({result_file})", flush=True)
+        tune.report(json.loads(result_file.read_text())["metrics"])
+        return
+    if not (trial_dir / launch.RUN_CONFIG_FILE).is_file():
+        _write_atomic(trial_dir / launch.RUN_CONFIG_FILE, cfgmod.dumps(cfg))
+
+    # 1. stages cmg -> cmg_rpc (resumes from the trial's newest checkpoint after an interruption)
+    ckpt = latest_checkpoint(trial_dir)
+    resumed_run = _load_state(ckpt)["progress"]["mlflow_run_id"] if ckpt else None
+    _supersede_stale_runs(cfg, sweep["parent_run_id"], trial_dir.name, keep=resumed_run)
+    stages = [s for s, n in (("cmg", cfg.optim.cmg_epochs), ("cmg_rpc", cfg.optim.cmg_rpc_epochs)) if n]
+    t0 = time.time()
+    launch.fit(cfg, trial_dir, stages, parent_run_id=sweep["parent_run_id"], callbacks=[TuneReportCallback()])
+    t_train = time.time() - t0
+    progress = _load_state(latest_checkpoint(trial_dir))["progress"]
+    history = [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in progress["history"]]
+    child_run = progress["mlflow_run_id"]
+    tags = {TAG_SWEEP: sweep["name"], TAG_TRIAL: str(trial["index"]), TAG_POINT: json.dumps(trial["point"])}
+    client = _mlflow_client(cfg)
+    for k, v in tags.items():
+        client.set_tag(child_run, k, v)
+
+    # 2. pseudo-labels of the train split and their mIoU vs GT (evaluation only)
+    metrics = finish_trial(cfg, trial_dir, child_run, progress["step"])
+    final = {**(history[-1] if history else {}), **metrics}
+    final.pop("epoch", None)
+    _write_atomic(result_file, json.dumps({"point": trial["point"], "mlflow_run_id": child_run,
+                                           "metrics": final}, indent=2))
+    print(f"[rayseg] trial {trial_dir.name} complete (training {t_train:.0f} s, pseudo-labels and evaluation "
+          f"{time.time() - t0 - t_train:.0f} s): " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+    tune.report(final)
+
+
+def _load_state(path: Path | None) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False) if path else {}
+
+
+def finish_trial(cfg: cfgmod.Config, trial_dir: Path, child_run: str, step: int) -> dict[str, float]:
+    """Pseudo-labels + their mIoU (3D over the written labels, 2D from the teacher), and with
+    tune.with_seg stage seg + its val mIoU. Logged to the trial's child run; returns Tune metrics."""
+    import ray
+
+    from rayseg import metrics as M
+    from rayseg.data import shards
+    from rayseg.pseudo import evaluate_pseudo_labels, make_pseudo_labels
+    from rayseg.train import launch
+    from rayseg.train.tracking import Tracker
+
+    names = tuple(shards.load_manifest(cfg.data.root)["class_names"])
+    pl_dir = trial_dir / "pseudo_labels"
+    make_pseudo_labels(trial_dir, pl_dir)  # resumable: labelled scenes are kept
+    conf3 = evaluate_pseudo_labels(pl_dir, cfg.data.root, cfg.data.train_split, names)
+    tracker = Tracker(cfg, trial_dir.name, run_id=child_run)
+    out = {"pseudo_final_miou_3d": tracker.log_confusion(conf3, names, "pseudo_final_3d", step)["pseudo_final_3d_miou"]}
+    if cfg.data.num_views:
+        # Its own resources, outside the trial's placement group (which holds only the driver's sliver).
+        task = ray.remote(_pseudo_2d_confusion).options(num_cpus=cfg.ray.cpus_per_worker,
+                                                        num_gpus=1 if cfg.ray.use_gpu else 0,
+                                                        scheduling_strategy="DEFAULT")
+        conf2 = ray.get(task.remote(str(trial_dir)))
+        out["pseudo_final_miou_2d"] = tracker.log_confusion(conf2, names, "pseudo_final_2d", step)["pseudo_final_2d_miou"]
+    if cfg.tune.with_seg:
+        from rayseg.evaluate import evaluate_run
+
+        seg_cfg = cfgmod.replace(cfg, **{"data.pseudo_labels": str(pl_dir)})
+        seg_dir = trial_dir / "seg"
+        if not (seg_dir / launch.RUN_CONFIG_FILE).is_file():
+            _write_atomic(seg_dir / launch.RUN_CONFIG_FILE, cfgmod.dumps(seg_cfg))
+        launch.fit(seg_cfg, seg_dir, ["seg"], parent_run_id=child_run)  # a grandchild run of the sweep
+        result = evaluate_run(seg_dir, cfg.data.val_split)
+        print(result["tables"], flush=True)
+        out["val_miou_3d"] = tracker.log_confusion(result["3d"], names, "val_3d", step)["val_3d_miou"]
+    tracker.end()
+    print(M.iou_table(conf3, names, title=f"{trial_dir.name}: pseudo-labels vs GT, train split (evaluation only)"),
+          flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------------
+
+
+def _start_parent_run(sweep: Sweep) -> str:
+    """The sweep's MLflow parent run: tags name the sweep, its grid keys and file; one param per
+    grid point (trial/NNN = the point as JSON), the base config as params."""
+    from mlflow.entities import Param
+
+    cfg = sweep.config
+    client = _mlflow_client(cfg)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        # With the default sqlite store, artifacts go beside it (MLflow's default is ./mlruns of the cwd).
+        location = None if cfg.tracking.uri else (Path(cfg.tracking.runs_dir).resolve() / "mlartifacts").as_uri()
+        exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    run = client.create_run(exp_id, run_name=sweep.name, tags={
+        "mlflow.runName": sweep.name, TAG_SWEEP: sweep.name, TAG_ROLE: "parent",
+        TAG_GRID_KEYS: json.dumps(sweep.grid_keys), "rayseg.file": sweep.file,
+        "rayseg.sweep_dir": str(sweep.sweep_dir), "rayseg.trials": str(len(sweep.points))})
+    params = [Param(f"trial/{i:03d}", json.dumps(p)[:6000]) for i, p in enumerate(sweep.points)]
+    params += [Param(k, str(v)[:6000]) for k, v in cfgmod.flatten(cfgmod.to_dict(cfg)).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i:i + 100])
+    client.log_text(run.info.run_id, cfgmod.dumps(cfg), "config.toml")
+    return run.info.run_id
+
+
+def run_sweep(sweep: Sweep) -> dict:
+    """Run (or resume) a checked sweep. Returns {"sweep_dir", "parent_run_id", "results": [...],
+    "errors": n}; each result: {"index", "point", "metrics"} from Tune."""
+    import ray
+    from ray import tune
+
+    from rayseg.train import launch
+
+    cfg = sweep.config
+    launch.quiet_environment()
+    if sweep.resume:
+        stored = json.loads((sweep.sweep_dir / SWEEP_FILE).read_text())
+        parent_run_id = stored["parent_run_id"]
+        _mlflow_client(cfg).update_run(parent_run_id, status="RUNNING")
+    else:
+        sweep.sweep_dir.mkdir(parents=True)
+        parent_run_id = _start_parent_run(sweep)
+        _write_atomic(sweep.sweep_dir / SWEEP_FILE, json.dumps({
+            "name": sweep.name, "file": sweep.file, "config": cfgmod.flatten(cfgmod.to_dict(cfg)),
+            "grid": sweep.experiment.grid, "points": sweep.points, "parent_run_id": parent_run_id,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+
+    launch.init_ray(cfg)
+    cluster = ray.cluster_resources()
+    resources = trial_resources(cfg, cluster)
+    concurrent = max_concurrent_trials(cfg, cluster, len(sweep.points))
+    context = {"config": cfgmod.flatten(cfgmod.to_dict(cfg)), "file": sweep.file, "grid": sweep.experiment.grid,
+               "sweep_dir": str(sweep.sweep_dir), "parent_run_id": parent_run_id, "name": sweep.name}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context), resources)
+    print(f"[rayseg] sweep {sweep.name}: {len(sweep.points)} trials, up to {concurrent} at a time, "
+          f"{resources} per trial driver, in {sweep.sweep_dir}", flush=True)
+    tune_path = sweep.sweep_dir / TUNE_DIR
+    if sweep.resume and tune.Tuner.can_restore(str(tune_path)):
+        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_errored=True)
+    else:
+        scheduler = None
+        if cfg.tune.asha:
+            from ray.tune.schedulers import ASHAScheduler
+
+            epochs = cfg.optim.cmg_epochs + cfg.optim.cmg_rpc_epochs
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1,
+                                      grace_period=cfg.tune.asha_grace_epochs,
+                                      reduction_factor=cfg.tune.asha_reduction_factor)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([{"index": i, "point": p} for i, p in enumerate(sweep.points)])},
+            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", max_concurrent_trials=concurrent,
+                                        scheduler=scheduler),
+            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep.sweep_dir),
+                                      failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+                                      verbose=1))
+    client = _mlflow_client(cfg)
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        client.set_terminated(parent_run_id, status="FAILED")
+        raise
+    results = []
+    for r in grid:
+        trial = (r.config or {}).get("trial", {})
+        error = [line for line in str(r.error).splitlines() if line.strip()][-1] if r.error else None
+        results.append({"index": trial.get("index"), "point": trial.get("point"), "metrics": dict(r.metrics or {}),
+                        "error": error})
+    results.sort(key=lambda r: (r["index"] is None, r["index"]))
+    errors = sum(1 for r in results if r["error"])
+    client.set_tag(parent_run_id, "rayseg.failed_trials", str(errors))
+    client.set_terminated(parent_run_id, status="FAILED" if errors else "FINISHED")
+    print(format_results(sweep, results), flush=True)
+    return {"sweep_dir": sweep.sweep_dir, "parent_run_id": parent_run_id, "results": results, "errors": errors}
+
+
+def format_results(sweep: Sweep, results: list[dict]) -> str:
+    """A plain summary of the sweep's trials (the paper-style table is `rayseg report`)."""
+    metric_names = [m for m in cfgmod.TUNE_FINAL_METRICS if any(m in r["metrics"] for r in results)]
+    lines = [f"sweep {sweep.name}: {len(results)} trials (pseudo-label mIoU uses GT: evaluation only)"]
+    for r in results:
+        values = " ".join(f"{m}={100 * r['metrics'][m]:.1f}" for m in metric_names if m in r["metrics"])
+        lines.append(f"  t{r['index']:03d} {_point_text(r['point'] or {})}: {values or 'no result'}"
+                     + (f"  ERROR {r['error'][:200]}" if r["error"] else ""))
+    exp_name = sweep.config.tracking.experiment
+    lines.append(f"table: rayseg report --experiment {exp_name}")
+    return "\n".join(lines)
