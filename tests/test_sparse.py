@@ -175,6 +175,22 @@ def test_unknown_backend_lists_available_and_minkowski_status():
     assert get_backend("torch") is tb
 
 
+def test_minkowski_enumerates_kernel_offsets_x_fastest():
+    """The offset order both backends share, checked on MinkowskiEngine itself: one voxel at the
+    origin through a 1->1 conv whose weight w is the number w; the output at p reads the input
+    at p + offset(w), so it carries the index of offset -p."""
+    me = get_backend("minkowski").ME
+    x = me.SparseTensor(torch.ones(1, 1), torch.zeros(1, 4, dtype=torch.int32))
+    for k in (3, 5):
+        conv = me.MinkowskiConvolution(1, 1, kernel_size=k, dimension=3, expand_coordinates=True)
+        with torch.no_grad():
+            conv.kernel.copy_(torch.arange(k**3, dtype=torch.float32).view(-1, 1, 1))
+        y = conv(x)
+        r = k // 2
+        for (b, px, py, pz), w in zip(y.C.tolist(), y.F.flatten().round().long().tolist()):
+            assert w == (-px + r) + k * (-py + r) + k * k * (-pz + r)
+
+
 @pytest.mark.gpu
 def test_torch_backend_cuda_matches_cpu():
     assert torch.cuda.is_available(), "the gpu marker needs a CUDA device"
@@ -197,3 +213,11 @@ def test_torch_backend_cuda_matches_cpu():
                        + [p.grad.cpu() for p in model.parameters()])
     for cpu, cuda in zip(*results):
         assert float((cpu - cuda).abs().max() / cpu.abs().max().clamp_min(1e-30)) < 1e-8
+
+
+def test_bench_model_cli_runs_a_backend_in_a_subprocess(capsys):
+    from rayseg.cli import main
+
+    assert main(["bench-model", "--voxels", "1500", "--repeats", "1", "--backends", "torch", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "torch:" in out and "1 threads" in out and "peak RSS" in out
