@@ -265,6 +265,24 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rayseg import report
+
+    uri = args.tracking_uri or f"sqlite:///{Path(cfgmod.TrackingConfig().runs_dir).resolve() / 'mlflow.db'}"
+    try:
+        result = report.run_report(uri, args.experiments, args.format, args.out, sweep=args.sweep,
+                                   log=not args.no_log)
+    except report.ReportError as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return 2
+    print(result["text"], end="")
+    for name, paths in result["files"].items():
+        print(f"# {name}: " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayseg", description="rayseg: scene-level tags -> per-point pseudo-labels -> a 3D segmenter, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -406,6 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep (Tuner.restore); complete trials are not redone")
     p.set_defaults(func=cmd_tune)
+
+    # report (rayseg.report)
+    p = sub.add_parser("report", help="an ablation sweep's table (paper layout) from MLflow: markdown/CSV, plot, per-class IoU")
+    p.add_argument("--experiment", dest="experiments", action="append", required=True, metavar="NAME",
+                   help="MLflow experiment of a sweep (tracking.experiment, e.g. table8-threshold); repeatable")
+    p.add_argument("--sweep", default=None, help="the sweep (parent run) to report (default: the newest)")
+    p.add_argument("--format", choices=["markdown", "csv"], default="markdown", help="what to print (both are written)")
+    p.add_argument("--out", default="runs/reports", help="folder for report.md/.csv/.png (default runs/reports)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///runs/mlflow.db)")
+    p.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")
+    p.set_defaults(func=cmd_report)
 
     # export / render (rayseg.export)
     for name, helptext in (("export", "coloured PLY files (one colour per class) of GT, pseudo-labels, predictions"),
