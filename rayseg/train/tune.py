@@ -110,8 +110,15 @@ def _absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sweep_dirs(runs_dir: Path, config_name: str) -> list[Path]:
-    found = [d for d in runs_dir.glob(f"{config_name}-sweep-*") if (d / SWEEP_FILE).is_file()]
-    return sorted(found, key=lambda d: (d / SWEEP_FILE).stat().st_mtime)
+    """Sweeps of the config named `config_name` under runs_dir, oldest first."""
+    found = []
+    for path in runs_dir.glob(f"*/{SWEEP_FILE}") if runs_dir.is_dir() else []:
+        try:
+            if json.loads(path.read_text())["config"].get("name") == config_name:
+                found.append(path)
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue  # not a sweep of ours
+    return [p.parent for p in sorted(found, key=lambda p: p.stat().st_mtime)]
 
 
 def prepare_sweep(path: str | Path, overrides: list[str] = (), name: str | None = None,
@@ -231,15 +238,15 @@ def _check_datasets(sweep: Sweep, cfgs: list[cfgmod.Config]) -> list[str]:
                             f"(data.region_column); compute them first:\n      rayseg partition {root} {methods}"
                             + (f" --config {sweep.file}" if sweep.file else ""))
         # Views: sampling silently takes fewer views than asked when a scene stores fewer.
-        for point, cfg in members:
-            train = [e for e in manifest["scenes"] if e["split"] == cfg.data.train_split]
-            if not cfg.data.num_views or not train:
+        for split, num_views in dict.fromkeys((cfg.data.train_split, cfg.data.num_views) for _, cfg in members):
+            train = [e for e in manifest["scenes"] if e["split"] == split]
+            if not num_views or not train:
                 continue
             fewest = min(train, key=lambda e: e.get("num_views") or 0)
-            if (fewest.get("num_views") or 0) < cfg.data.num_views:
-                problems.append(f"grid point {_point_text(point)}: data.num_views = {cfg.data.num_views} but scene "
-                                f"{fewest['scene_id']} of {root} stores only {fewest.get('num_views') or 0} views; "
-                                f"prepare the dataset with more views (synthetic.num_views / --views)")
+            if (fewest.get("num_views") or 0) < num_views:
+                problems.append(f"data.num_views = {num_views} but scene {fewest['scene_id']} of {root} "
+                                f"stores only {fewest.get('num_views') or 0} views; prepare the dataset with more "
+                                f"views (synthetic.num_views / --views) or drop that grid value")
         # Everything else the data layer checks (splits, columns), once per distinct data setting.
         if not missing:
             seen = set()

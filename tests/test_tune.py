@@ -1,0 +1,303 @@
+"""`rayseg tune` on a tiny synthetic dataset with a real local Ray, real Ray Tune and a real sqlite
+MLflow store: grid expansion ([[grid.rows]] x product), every pre-flight check failing before any
+trial (naming key, file, columns, views, weights), and one 2x2 sweep that is killed after two
+trials completed and then resumed: the parent run and its four child runs, no trial redone.
+tests/test_report.py reads the same sweep back (the `swept` fixture lives in conftest-free form
+here and is imported there)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+
+from rayseg import config as cfgmod
+from rayseg.data.prepare import prepare_synthetic
+from rayseg.partition.job import run_partition
+from rayseg.train import launch, tune
+
+# Tiny scenes and networks, as tests/test_train.py: 4 train + 2 val scenes, one epoch per stage.
+BASE_TOML = """\
+name = "tiny"
+
+[synthetic]
+num_scenes = 6
+val_fraction = 0.34
+num_views = 4
+image_width = 64
+image_height = 48
+min_points = 2500
+max_points = 4000
+points_per_m2 = 40.0
+
+[data]
+root = "{root}"
+voxel_size = 0.08
+num_views = 2
+image_width = 64
+image_height = 48
+monitor_scenes = 1
+loader = "local"
+
+[model]
+backbone_3d = "MinkUNet14A"
+backbone_2d = "resnet34"
+init_2d = "none"
+
+[loss.guidance]
+warmup_steps = 2
+
+[loss.rpc]
+warmup_steps = 2
+ema_decay = 0.9
+
+[optim]
+batch_size = 2
+cmg_epochs = 1
+cmg_rpc_epochs = 1
+loops_per_epoch = 1
+seg_epochs = 1
+seg_backbone = "MinkUNet14A"
+seg_voxel_size = 0.08
+cmg_lr = 0.02
+cmg_rpc_lr = 0.01
+seg_lr = 0.02
+
+[ray]
+cpus_per_worker = 0.5
+
+[tracking]
+runs_dir = "{runs}"
+experiment = "tiny-sweep"
+
+[tune]
+max_concurrent = 2
+"""
+
+SWEEP_TOML = """\
+extends = "base.toml"
+name = "tiny-sweep"
+
+[grid]
+'loss.rpc.eta' = [0.0, 0.8]
+'loss.rpc.mode' = ["point", "region"]
+"""
+SWEEP_NAME = "sweep-a"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(tmp dir, base.toml) with a prepared, shape_detection-partitioned dataset and a local Ray
+    (2 CPUs, the TRAIN_DRIVER resource trial drivers use)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    tmp = tmp_path_factory.mktemp("tune")
+    base = write(tmp / "base.toml", BASE_TOML.format(root=tmp / "data", runs=tmp / "runs"))
+    cfg = cfgmod.load(base).config
+    launch.quiet_environment()
+    ray.init(num_cpus=2, include_dashboard=False, resources={launch.TRAIN_DRIVER_RESOURCE: 100})
+    assert prepare_synthetic(cfg.synthetic, cfg.data.root).ok
+    assert run_partition(cfg.data.root, ["shape_detection"], cfg).ok
+    yield tmp, base
+    ray.shutdown()
+
+
+def _client(tmp: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
+
+
+def _children(client, parent_id: str) -> list:
+    exp = client.get_experiment_by_name("tiny-sweep")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+# --------------------------------------------------------------------------------------------
+# Grid expansion and validation: nothing starts
+# --------------------------------------------------------------------------------------------
+
+
+def test_grid_rows_times_product(tmp_path):
+    path = write(tmp_path / "t8.toml", """
+[grid]
+'loss.rpc.eta' = [0.0, 0.5]
+[[grid.rows]]
+'loss.rpc.mode' = "point"
+'loss.rpc.threshold' = "fixed"
+[[grid.rows]]
+loss.rpc.mode = "region"
+loss.rpc.threshold = "adaptive"
+""")
+    exp = cfgmod.load(path)
+    points = cfgmod.grid_points(exp)
+    assert points == [
+        {"loss.rpc.eta": 0.0, "loss.rpc.mode": "point", "loss.rpc.threshold": "fixed"},
+        {"loss.rpc.eta": 0.5, "loss.rpc.mode": "point", "loss.rpc.threshold": "fixed"},
+        {"loss.rpc.eta": 0.0, "loss.rpc.mode": "region", "loss.rpc.threshold": "adaptive"},
+        {"loss.rpc.eta": 0.5, "loss.rpc.mode": "region", "loss.rpc.threshold": "adaptive"},
+    ]
+    cfg = cfgmod.apply(exp, points[2])
+    assert (cfg.loss.rpc.eta, cfg.loss.rpc.mode, cfg.loss.rpc.threshold) == (0.0, "region", "adaptive")
+    # Only rows (Table 2 style): one point per row.
+    rows_only = write(tmp_path / "t2.toml", "[[grid.rows]]\n'augment.mix3d' = false\n[[grid.rows]]\n'augment.mix3d' = true\n")
+    assert cfgmod.grid_points(cfgmod.load(rows_only)) == [{"augment.mix3d": False}, {"augment.mix3d": True}]
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("[[grid.rows]]\n'loss.rpc.eta' = 1.5\n", r"loss.rpc.eta: must be in \[0, 1\].*bad.toml \[grid\]"),
+    ("[[grid.rows]]\n'loss.rpc.mode' = 'edge'\n", r"loss.rpc.mode: must be one of \['region', 'point'\].*bad.toml"),
+    ("[[grid.rows]]\n'loss.rpc.etaa' = 0.5\n", r"loss.rpc.etaa: unknown key.*bad.toml \[grid\]"),
+    ("[grid]\n'loss.rpc.eta' = [0.1]\n[[grid.rows]]\n'loss.rpc.eta' = 0.2\n",
+     r"grid.rows\[0\]: \['loss.rpc.eta'\] also listed as \[grid\] product keys.*bad.toml"),
+    ("[grid]\nrows = [1, 2]\n", r"grid.rows\[0\]: must be a non-empty table.*bad.toml"),
+    ("[tune]\nasha = true\nmetric = 'pseudo_final_miou_3d'\n", r"tune.asha: ASHA needs a per-epoch metric"),
+    ("[tune]\nmetric = 'val_accuracy'\n", r"tune.metric: must be one of"),
+])
+def test_bad_grid_values_fail_naming_key_and_file(tmp_path, text, pattern):
+    bad = write(tmp_path / "bad.toml", text)
+    with pytest.raises(cfgmod.ConfigError, match=pattern):
+        tune.prepare_sweep(bad)
+
+
+def test_preflight_checks_fail_before_any_trial(tiny, tmp_path):
+    """Missing region columns (with the partition command), too few stored views, missing 2D
+    weights, a sweep-level grid key: all reported at once, before any directory, MLflow run or
+    trial exists."""
+    tmp, base = tiny
+    runs = tmp_path / "runs"
+    path = write(tmp_path / "bad.toml", f"""
+extends = "{base}"
+[tracking]
+runs_dir = "{runs}"
+[grid]
+'data.region_column' = ["shape_detection", "vccs", "gt"]
+'data.num_views' = [2, 6]
+'ray.num_workers' = [1]
+'model.init_2d' = ["none", "{tmp_path / 'dino.pth'}"]
+""")
+    with pytest.raises(tune.SweepError) as info:
+        tune.prepare_sweep(path)
+    msg = str(info.value)
+    root = tmp / "data"
+    assert "bad.toml" in msg
+    assert f"lacks region column(s) ['vccs', 'gt']" in msg
+    assert f"rayseg partition {root} --method vccs --method gt" in msg
+    assert "data.num_views = 6" in msg and "stores only 4 views" in msg
+    assert "grid key ray.num_workers" in msg and "cannot vary per trial" in msg
+    assert "checkpoint file not found" in msg and "dino.pth" in msg
+    assert not runs.exists()  # no sweep directory, no MLflow store
+
+    missing = write(tmp_path / "nodata.toml", f"extends = '{base}'\n[data]\nroot = '{tmp_path / 'nowhere'}'\n"
+                                              f"[grid]\n'loss.rpc.eta' = [0.1]\n")
+    with pytest.raises(tune.SweepError, match=r"nowhere does not exist.*rayseg prepare synthetic"):
+        tune.prepare_sweep(missing)
+    no_grid = write(tmp_path / "nogrid.toml", f"extends = '{base}'\n")
+    with pytest.raises(tune.SweepError, match="no \\[grid\\] table"):
+        tune.prepare_sweep(no_grid)
+
+
+def test_resources_and_concurrency_from_cluster():
+    cfg = cfgmod.replace(cfgmod.Config(), **{"ray.num_workers": 0, "ray.cpus_per_worker": 0.5})
+    assert tune.trial_workers(cfg).ray.num_workers == 1  # Train local mode cannot run inside a Tune trial
+    assert tune.trial_resources(cfg, {"CPU": 2, "TRAIN_DRIVER": 100}) == {"CPU": 0, "TRAIN_DRIVER": 0.01}
+    assert tune.max_concurrent_trials(cfg, {"CPU": 2}, 10) == 2  # one CPU kept for Ray Data
+    assert tune.max_concurrent_trials(cfg, {"CPU": 2}, 1) == 1
+    gpu = cfgmod.replace(cfg, **{"ray.num_workers": 2, "ray.cpus_per_worker": 4, "ray.use_gpu": True})
+    assert tune.max_concurrent_trials(gpu, {"CPU": 64, "GPU": 8}, 30) == 4  # GPUs bound it
+    assert tune.max_concurrent_trials(gpu, {"CPU": 64, "GPU": 0}, 30) == 1
+    fixed = cfgmod.replace(cfg, **{"tune.max_concurrent": 3})
+    assert tune.max_concurrent_trials(fixed, {"CPU": 64}, 30) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# A 2x2 sweep, interrupted and resumed
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swept(tiny):
+    """Run the 2x2 sweep as `rayseg tune` in a subprocess on the fixture's Ray (RAY_ADDRESS),
+    SIGKILL it once two trials are complete, then resume it here. Returns what the tests check."""
+    tmp, _ = tiny
+    sweep_file = write(tmp / "sweep.toml", SWEEP_TOML)
+    sweep_dir = tmp / "runs" / SWEEP_NAME
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp / "first.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "rayseg", "tune", str(sweep_file), "--name", SWEEP_NAME],
+                            cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    done: list[Path] = []
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and len(done) < 2:
+            assert proc.poll() is None, (tmp / "first.log").read_text()[-4000:]
+            done = sorted(sweep_dir.glob(f"{tune.TRIALS_DIR}/*/{tune.RESULT_FILE}"))
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert len(done) >= 2, "two trials did not complete in time:\n" + (tmp / "first.log").read_text()[-4000:]
+    before = {p.parent.name: (p.stat().st_mtime_ns, json.loads(p.read_text()),
+                              sorted(c.name for c in (p.parent / "checkpoints").iterdir())) for p in done}
+
+    sweep = tune.prepare_sweep(sweep_file, resume=True)  # the newest sweep of this config
+    assert sweep.sweep_dir == sweep_dir and sweep.resume
+    result = tune.run_sweep(sweep)
+    return {"tmp": tmp, "sweep_dir": sweep_dir, "before": before, "result": result}
+
+
+def test_sweep_resumes_without_redoing_complete_trials(swept):
+    sweep_dir, before, result = swept["sweep_dir"], swept["before"], swept["result"]
+    assert result["errors"] == 0
+    assert sorted(r["index"] for r in result["results"]) == [0, 1, 2, 3]
+    for r in result["results"]:
+        assert 0.0 <= r["metrics"]["pseudo_final_miou_3d"] <= 1.0
+        assert "pseudo_miou_3d" in r["metrics"]  # the monitored metric reached Tune
+    trial_dirs = sorted(d.name for d in (sweep_dir / tune.TRIALS_DIR).iterdir())
+    assert trial_dirs == ["t000-0.0-point", "t001-0.0-region", "t002-0.8-point", "t003-0.8-region"]
+    for name, (mtime, content, ckpts) in before.items():  # complete before the kill: untouched
+        result_file = sweep_dir / tune.TRIALS_DIR / name / tune.RESULT_FILE
+        assert result_file.stat().st_mtime_ns == mtime
+        assert json.loads(result_file.read_text()) == content
+        assert sorted(c.name for c in (sweep_dir / tune.TRIALS_DIR / name / "checkpoints").iterdir()) == ckpts
+    assert all((sweep_dir / tune.TRIALS_DIR / d / tune.RESULT_FILE).is_file() for d in trial_dirs)
+
+
+def test_sweep_mlflow_parent_and_children(swept):
+    tmp, result = swept["tmp"], swept["result"]
+    client = _client(tmp)
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[tune.TAG_SWEEP] == SWEEP_NAME
+    assert json.loads(parent.data.tags[tune.TAG_GRID_KEYS]) == ["loss.rpc.eta", "loss.rpc.mode"]
+    assert parent.data.tags["rayseg.file"].endswith("sweep.toml")
+    assert json.loads(parent.data.params["trial/003"]) == {"loss.rpc.eta": 0.8, "loss.rpc.mode": "region"}
+    children = [c for c in _children(client, parent.info.run_id) if c.data.tags.get(tune.TAG_SUPERSEDED) != "true"]
+    assert len(children) == 4  # one live child per trial, also across the kill
+    by_index = {int(c.data.tags[tune.TAG_TRIAL]): c for c in children}
+    assert sorted(by_index) == [0, 1, 2, 3]
+    for index, child in by_index.items():
+        point = json.loads(child.data.tags[tune.TAG_POINT])
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.params["loss.rpc.eta"] == str(point["loss.rpc.eta"])
+        assert child.data.params["loss.rpc.mode"] == point["loss.rpc.mode"]
+        assert child.data.params["ray.num_workers"] == "1"
+        for key in ("pseudo_final_3d_miou", "pseudo_final_2d_miou", "pseudo_3d_miou", "cmg/loss", "cmg_rpc/loss"):
+            assert key in child.data.metrics, (index, key)
+        tune_metrics = next(r["metrics"] for r in result["results"] if r["index"] == index)
+        assert tune_metrics["pseudo_final_miou_3d"] == pytest.approx(child.data.metrics["pseudo_final_3d_miou"])
+    # Complete trials kept their child runs across the resume.
+    for name, (_, content, _) in swept["before"].items():
+        assert content["mlflow_run_id"] == by_index[int(name[1:4])].info.run_id
