@@ -301,3 +301,55 @@ def test_sweep_mlflow_parent_and_children(swept):
     # Complete trials kept their child runs across the resume.
     for name, (_, content, _) in swept["before"].items():
         assert content["mlflow_run_id"] == by_index[int(name[1:4])].info.run_id
+
+
+def test_report_on_the_sweep(swept, tmp_path):
+    """`rayseg report` on the sweep's runs: table values equal the logged metrics (markdown in
+    percent, CSV exactly), PNG and per-class CSV written and logged to the parent run."""
+    from PIL import Image
+
+    from rayseg import report
+
+    tmp = swept["tmp"]
+    client = _client(tmp)
+    uri = f"sqlite:///{tmp / 'runs' / 'mlflow.db'}"
+    md = report.run_report(uri, ["tiny-sweep"], "markdown", tmp_path / "out")
+    children = {int(c.data.tags[tune.TAG_TRIAL]): c for c in _children(client, swept["result"]["parent_run_id"])
+                if c.data.tags.get(tune.TAG_SUPERSEDED) != "true"}
+    lines = [line for line in md["text"].splitlines() if line.startswith("| ")]
+    assert lines[0] == "| rpc.eta | rpc.mode | pseudo-label 3D mIoU | pseudo-label 2D mIoU |"
+    for index, line in enumerate(lines[1:5]):
+        m = children[index].data.metrics
+        point = json.loads(children[index].data.tags[tune.TAG_POINT])
+        assert line == (f"| {point['loss.rpc.eta']} | {point['loss.rpc.mode']} | "
+                        f"{100 * m['pseudo_final_3d_miou']:.1f} | {100 * m['pseudo_final_2d_miou']:.1f} |")
+    assert "4 of 4 trials complete" in md["text"] and "for reporting only" in md["text"]
+
+    out = subprocess.run([sys.executable, "-m", "rayseg", "report", "--experiment", "tiny-sweep", "--format", "csv",
+                          "--tracking-uri", uri, "--out", str(tmp_path / "cli"), "--no-log"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert [int(r["trial"]) for r in rows] == [0, 1, 2, 3]
+    for r in rows:
+        m = children[int(r["trial"])].data.metrics
+        assert float(r["pseudo_final_3d_miou"]) == m["pseudo_final_3d_miou"]
+        assert float(r["pseudo_final_2d_miou"]) == m["pseudo_final_2d_miou"]
+        assert r["run_id"] == children[int(r["trial"])].info.run_id and r["val_3d_miou"] == ""
+
+    folder = tmp_path / "out" / "tiny-sweep"
+    with Image.open(folder / "tiny-sweep.png") as png:
+        assert png.format == "PNG" and png.size[0] > 100
+    best = max(children.values(), key=lambda c: c.data.metrics["pseudo_final_3d_miou"])
+    per_class = list(csv.DictReader((folder / "best_per_class_iou.csv").open()))
+    assert {r["run_id"] for r in per_class} == {best.info.run_id}
+    assert any(r["pseudo_final_3d"] for r in per_class)
+    for r in per_class:
+        key = f"pseudo_final_3d_iou/{r['class']}"
+        assert (float(r["pseudo_final_3d"]) == best.data.metrics[key]) if r["pseudo_final_3d"] else \
+            key not in best.data.metrics
+    logged = {a.path for a in client.list_artifacts(swept["result"]["parent_run_id"], "report")}
+    assert {"report/report.md", "report/report.csv", "report/tiny-sweep.png", "report/best_per_class_iou.csv"} <= logged
