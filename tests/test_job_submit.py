@@ -1,4 +1,4 @@
-"""`ray job submit` against a REAL local Ray head, as cluster/README.md does on a cluster.
+"""`ray job submit` of a `rayseg tune` sweep to a REAL local Ray head, as cluster/README.md does on a cluster.
 
 The test starts its own head (`ray start --head --block` with its own --temp-dir and its own
 ports, dashboard on 127.0.0.1, TRAIN_DRIVER resource declared like the cluster configs), stages a
@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 
-# Tiny synthetic scenes and networks (as tests/test_train.py): 3 train + 1 val scenes.
-PREPARE = ["--scenes", "4", "--views", "2", "--image-size", "64x48",
+# Tiny synthetic scenes and networks (as tests/test_train.py), 3D only: 3 train + 1 val scenes.
+PREPARE = ["--scenes", "4", "--views", "0",
            "--set", "synthetic.val_fraction=0.25", "--set", "synthetic.min_points=2500",
            "--set", "synthetic.max_points=4000", "--set", "synthetic.points_per_m2=40.0"]
 TINY_TOML = """\
@@ -51,7 +51,7 @@ seed = 0
 [data]
 root = "{root}"
 voxel_size = 0.08
-num_views = 2
+num_views = 0
 image_width = 64
 image_height = 48
 monitor_scenes = 2
@@ -81,6 +81,9 @@ seg_voxel_size = 0.08
 
 [ray]
 cpus_per_worker = 0.5
+
+[grid]
+"loss.rpc.eta" = [0.5, 0.8]
 """
 
 
@@ -106,6 +109,22 @@ def _proc_table() -> dict[int, tuple[int, int, str]]:
     return table
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def auth_mode() -> str:
+    """Ray 2.60 token auth, for the head and the CLI alike: on ("token") when Ray has a token
+    where it looks for one (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token: written by
+    the first local ray.init()), off on a machine that never ran Ray."""
+    has_token = (os.environ.get("RAY_AUTH_TOKEN")
+                 or Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").is_file())
+    return "token" if has_token else "disabled"
+
+
 class LocalHead:
     """A Ray head of our own: its own temp dir and ports, stopped by pid."""
 
@@ -129,7 +148,8 @@ class LocalHead:
             cmd += [flag, str(port)]
         # `python` in a job's entrypoint is whatever the head's PATH finds first: this venv's.
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        self.env.update(PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
+        self.env.update(PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
+                        RAY_AUTH_MODE=auth_mode())
         self.log = open(workdir / "head.log", "w")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=workdir)
@@ -186,9 +206,8 @@ def ray_job_submit(head: LocalHead, runtime_env: Path, entrypoint: list[str], ti
     """`ray job submit` from the repository root, waiting for the job; returns its output."""
     cmd = [RAY, "job", "submit", "--address", head.address, "--working-dir", str(REPO),
            "--runtime-env", str(runtime_env), "--", *entrypoint]
-    env = {**head.env, "RAY_AUTH_MODE": "token"}  # the CLI uses the token Ray keeps in ~/.ray
-    try:
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    try:  # head.env carries RAY_AUTH_MODE: the CLI then sends the token Ray keeps in ~/.ray
+        done = subprocess.run(cmd, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"`{shlex.join(entrypoint)}` did not finish in {timeout} s:\n{(exc.stdout or '')[-4000:]}")
     out = done.stdout + done.stderr
@@ -209,30 +228,56 @@ def test_tune_job_on_a_local_head(tmp_path):
     experiment = tmp_path / "tiny.toml"
     experiment.write_text(TINY_TOML.format(root=data))
 
+    t0 = time.time()
     head = LocalHead(tmp_path)
     try:
         head.wait_ready()
-        # Stage the data on the "shared storage" (here: the tmp dir), as one job.
-        stage = shlex.join(["python", "-m", "rayseg", "prepare", "synthetic",
-                            "--out", str(data), *PREPARE])
-        stage += " && " + shlex.join(["python", "-m", "rayseg", "partition", str(data), "--method", "shape_detection"])
+        print(f"[job test] head up after {time.time() - t0:.0f} s", flush=True)
+        # Stage the data on the "shared storage" (here: the tmp dir), as one job; first show
+        # where the job's rayseg and environment come from.
+        probe = "import os, rayseg; print('probe:', rayseg.__file__, os.environ['MLFLOW_DISABLE_TELEMETRY'])"
+        stage = " && ".join([
+            shlex.join(["python", "-c", probe]),
+            shlex.join(["python", "-m", "rayseg", "prepare", "synthetic", "--out", str(data), *PREPARE]),
+            shlex.join(["python", "-m", "rayseg", "partition", str(data), "--method", "shape_detection"])])
         out = ray_job_submit(head, runtime_env, ["sh", "-c", stage], timeout=240)
         assert (data / "manifest.json").is_file(), out[-3000:]
+        # The uploaded working dir (not this checkout's path) and the env vars of runtime_env.yaml.
+        probe_line = next(line for line in out.splitlines() if line.startswith("probe:"))
+        assert "/runtime_resources/working_dir_files/" in probe_line and str(REPO) not in probe_line
+        assert probe_line.endswith(" " + job_env["env_vars"]["MLFLOW_DISABLE_TELEMETRY"])
+        print(f"[job test] data staged after {time.time() - t0:.0f} s", flush=True)
 
+        # The sweep, exactly as cluster/README.md submits it (absolute paths: no shared storage here).
         out = ray_job_submit(head, runtime_env, [
-            "python", "-m", "rayseg", "train", str(experiment),
+            "python", "-m", "rayseg", "tune", str(experiment), "--name", "jobsweep",
             "--set", f"tracking.uri=sqlite:///{db}", "--set", f"tracking.runs_dir={runs}",
-            "--set", "tracking.experiment=jobtest"], timeout=400)
+            "--set", "tracking.experiment=jobtest"], timeout=600)
+        print(f"[job test] sweep done after {time.time() - t0:.0f} s", flush=True)
     finally:
         survivors = head.stop()
+        print(f"[job test] head stopped after {time.time() - t0:.0f} s", flush=True)
     assert not survivors, f"processes of the test head still running: {survivors}"
+    assert not [p for p in _proc_table() if str(head.temp_dir) in _cmdline(p)]
 
+    # MLflow: one parent run for the sweep, one finished child run per grid point.
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     exp = client.get_experiment_by_name("jobtest")
-    assert exp is not None, out[-3000:]
-    found = client.search_runs([exp.experiment_id])
-    assert found, out[-3000:]
-    for run in found:
-        assert run.info.status == "FINISHED"
-        assert run.data.params["model.backbone_3d"] == "MinkUNet14A"
-        assert "cmg_rpc/loss" in run.data.metrics
+    assert exp is not None, out[-4000:]
+    runs_found = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs_found if r.data.tags.get("rayseg.sweep_role") == "parent"]
+    assert len(parents) == 1, out[-4000:]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["rayseg.sweep"] == "jobsweep"
+    assert {k for k in parent.data.params if k.startswith("trial/")} == {"trial/000", "trial/001"}
+    children = [r for r in runs_found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.params["loss.rpc.eta"] for r in children) == ["0.5", "0.8"], out[-4000:]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["model.backbone_3d"] == "MinkUNet14A"
+        assert child.data.params["data.root"] == str(data)
+        metrics = child.data.metrics
+        assert "cmg_rpc/loss" in metrics and 0.0 <= metrics["pseudo_final_3d_miou"] <= 1.0, sorted(metrics)
+    # Results on the "shared storage": the sweep directory with one complete run per trial.
+    trials = sorted((runs / "jobsweep" / "trials").iterdir())
+    assert len(trials) == 2 and all((t / "result.json").is_file() for t in trials)
