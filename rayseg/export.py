@@ -509,7 +509,8 @@ def run_export(target, what: str, out=None, fmt: str = "ply", scene_ids=(), num_
     sets = parse_what(what)
     source = resolve_source(target, sets, list(scene_ids), num_scenes, split, pseudo_labels)
     paths = export_ply(source, sets, out or default_out(source))
-    print(f"legend ({len(source.class_names)} classes):\n{format_legend(source.class_names, palette(source.class_names))}")
+    legend = format_legend(source.class_names, palette(source.class_names))
+    print(f"legend ({len(source.class_names)} classes):\n{legend}")
     return paths
 
 

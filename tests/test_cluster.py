@@ -183,7 +183,8 @@ def test_kuberay_manifests_are_consistent():
     pods = _pod_specs(docs)
     assert len(pods) == 4
     for pod in pods:
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+                  for v in pod["volumes"] if "persistentVolumeClaim" in v}
         mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
         assert claims.get(mounts.get("/shared")) == pvc["metadata"]["name"], pod["containers"][0]["name"]
 

@@ -46,7 +46,8 @@ def data(tmp_path_factory):
     # Pseudo-labels with a known relation to GT: the next class id, never wall (ignored -> floor).
     for path in shards.scene_paths(cfg.data.root, "train"):
         scene = shards.read_scene(path, ["label"])
-        write_pseudo(pseudo_path(tmp / "pl", "train", scene["scene_id"]), scene["scene_id"], expected_pseudo(scene["label"]))
+        sid = scene["scene_id"]
+        write_pseudo(pseudo_path(tmp / "pl", "train", sid), sid, expected_pseudo(scene["label"]))
     return cfg, Path(cfg.data.root), tmp
 
 
@@ -195,7 +196,8 @@ def test_named_errors(data, tmp_path):
     # Pseudo-labels cover the train split only: a val scene names itself, its split and the folder's.
     (tmp / "pl" / "pseudo.json").write_text('{"split": "train"}')
     source = export.resolve_source(root, ("pseudo",), split="val", pseudo_labels=tmp / "pl")
-    with pytest.raises(export.ExportError, match=r"scene synth_0002 \(split val\): no pseudo-labels .* covers split 'train'"):
+    with pytest.raises(export.ExportError,
+                       match=r"scene synth_0002 \(split val\): no pseudo-labels .* covers split 'train'"):
         export.export_ply(source, ("pseudo",), tmp_path, log=lambda _: None)
     # A shard copied out of its dataset has no manifest (class names) next to it.
     loose = tmp_path / "loose" / "train" / "synth_0000.parquet"
