@@ -188,6 +188,9 @@ def markdown(table: SweepTable, base: dict[str, Any]) -> str:
     for r in table.rows:
         cells = [_cell(_value(r, k, base)) for k in table.grid_keys] + [_percent(r.metrics.get(m)) for m in metric_keys]
         lines.append("| " + " | ".join(cells) + " |")
+    incomplete = [f"t{r.index:03d} ({r.status.lower()})" for r in table.rows if r.metrics.get(BEST_BY) is None]
+    if incomplete:  # never run, still running, stopped early by ASHA, or failed
+        lines += ["", "Trials without a final result: " + ", ".join(incomplete)]
     best = best_row(table)
     if best is not None:
         lines += ["", f"Per-class IoU (%) of the best trial, t{best.index:03d} "

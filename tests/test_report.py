@@ -76,6 +76,7 @@ def test_table_values_equal_logged_metrics(store, tmp_path):
     text = result["text"]
     assert "Sweep `new-sweep`: 5 of 6 trials complete" in text
     assert "Other sweeps in this experiment (pick one with --sweep): old-sweep" in text
+    assert "Trials without a final result: t003 (missing)" in text
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     assert lines[0] == ("| rpc.eta | rpc.mode | rpc.threshold | pseudo-label 3D mIoU | pseudo-label 2D mIoU "
                         "| val 3D mIoU |")

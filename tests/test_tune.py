@@ -1,9 +1,8 @@
 """`rayseg tune` on a tiny synthetic dataset with a real local Ray, real Ray Tune and a real sqlite
 MLflow store: grid expansion ([[grid.rows]] x product), every pre-flight check failing before any
 trial (naming key, file, columns, views, weights), and one 2x2 sweep that is killed after two
-trials completed and then resumed: the parent run and its four child runs, no trial redone.
-tests/test_report.py reads the same sweep back (the `swept` fixture lives in conftest-free form
-here and is imported there)."""
+trials completed and then resumed: the parent run and its four child runs, no trial redone, and
+`rayseg report` on it (tests/test_report.py covers the report on a hand-built store)."""
 
 from __future__ import annotations
 
@@ -303,7 +302,7 @@ def test_sweep_mlflow_parent_and_children(swept):
         assert content["mlflow_run_id"] == by_index[int(name[1:4])].info.run_id
 
 
-def test_report_on_the_sweep(swept, tmp_path):
+def test_report_on_the_sweep(swept, tmp_path, capsys):
     """`rayseg report` on the sweep's runs: table values equal the logged metrics (markdown in
     percent, CSV exactly), PNG and per-class CSV written and logged to the parent run."""
     from PIL import Image
@@ -325,14 +324,15 @@ def test_report_on_the_sweep(swept, tmp_path):
                         f"{100 * m['pseudo_final_3d_miou']:.1f} | {100 * m['pseudo_final_2d_miou']:.1f} |")
     assert "4 of 4 trials complete" in md["text"] and "for reporting only" in md["text"]
 
-    out = subprocess.run([sys.executable, "-m", "rayseg", "report", "--experiment", "tiny-sweep", "--format", "csv",
-                          "--tracking-uri", uri, "--out", str(tmp_path / "cli"), "--no-log"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
+    from rayseg.cli import main
+
+    capsys.readouterr()
+    assert main(["report", "--experiment", "tiny-sweep", "--format", "csv", "--tracking-uri", uri,
+                 "--out", str(tmp_path / "cli"), "--no-log"]) == 0
     import csv
     import io
 
-    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [int(r["trial"]) for r in rows] == [0, 1, 2, 3]
     for r in rows:
         m = children[int(r["trial"])].data.metrics

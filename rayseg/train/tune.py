@@ -457,23 +457,26 @@ def finish_trial(cfg: cfgmod.Config, trial_dir: Path, child_run: str, step: int)
     from rayseg.train.tracking import Tracker
 
     names = tuple(shards.load_manifest(cfg.data.root)["class_names"])
+    conf2_ref = None
+    if cfg.data.num_views:  # runs beside the pseudo-label job, with its own resources (outside the
+        # trial's placement group, which holds only the driver's sliver)
+        task = ray.remote(_pseudo_2d_confusion).options(num_cpus=cfg.ray.cpus_per_worker,
+                                                        num_gpus=1 if cfg.ray.use_gpu else 0,
+                                                        scheduling_strategy="DEFAULT")
+        conf2_ref = task.remote(str(trial_dir))
     pl_dir = trial_dir / "pseudo_labels"
     make_pseudo_labels(trial_dir, pl_dir)  # resumable: labelled scenes are kept
     conf3 = evaluate_pseudo_labels(pl_dir, cfg.data.root, cfg.data.train_split, names)
     tracker = Tracker(cfg, trial_dir.name, run_id=child_run)
     out = {"pseudo_final_miou_3d": tracker.log_confusion(conf3, names, "pseudo_final_3d", step)["pseudo_final_3d_miou"]}
-    if cfg.data.num_views:
-        # Its own resources, outside the trial's placement group (which holds only the driver's sliver).
-        task = ray.remote(_pseudo_2d_confusion).options(num_cpus=cfg.ray.cpus_per_worker,
-                                                        num_gpus=1 if cfg.ray.use_gpu else 0,
-                                                        scheduling_strategy="DEFAULT")
-        conf2 = ray.get(task.remote(str(trial_dir)))
+    if conf2_ref is not None:
+        conf2 = ray.get(conf2_ref)
         out["pseudo_final_miou_2d"] = tracker.log_confusion(conf2, names, "pseudo_final_2d", step)["pseudo_final_2d_miou"]
     if cfg.tune.with_seg:
         from rayseg.evaluate import evaluate_run
 
         seg_cfg = cfgmod.replace(cfg, **{"data.pseudo_labels": str(pl_dir)})
-        seg_dir = trial_dir / "seg"
+        seg_dir = trial_dir / f"seg-{trial_dir.name}"  # the directory names the MLflow run
         if not (seg_dir / launch.RUN_CONFIG_FILE).is_file():
             _write_atomic(seg_dir / launch.RUN_CONFIG_FILE, cfgmod.dumps(seg_cfg))
         launch.fit(seg_cfg, seg_dir, ["seg"], parent_run_id=child_run)  # a grandchild run of the sweep
@@ -582,10 +585,21 @@ def run_sweep(sweep: Sweep) -> dict:
                         "error": error})
     results.sort(key=lambda r: (r["index"] is None, r["index"]))
     errors = sum(1 for r in results if r["error"])
+    _close_unfinished_children(client, parent_run_id)
     client.set_tag(parent_run_id, "rayseg.failed_trials", str(errors))
     client.set_terminated(parent_run_id, status="FAILED" if errors else "FINISHED")
     print(format_results(sweep, results), flush=True)
     return {"sweep_dir": sweep.sweep_dir, "parent_run_id": parent_run_id, "results": results, "errors": errors}
+
+
+def _close_unfinished_children(client, parent_run_id: str) -> None:
+    """Child runs still RUNNING when the sweep ends belong to trials that ASHA stopped or that
+    failed for good: mark them KILLED (their metrics so far stay)."""
+    parent = client.get_run(parent_run_id)
+    for run in client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def format_results(sweep: Sweep, results: list[dict]) -> str:
