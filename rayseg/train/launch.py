@@ -40,7 +40,9 @@ def init_ray(cfg: cfgmod.Config) -> None:
     env = {"env_vars": {k: os.environ[k] for k in ("RAY_USAGE_STATS_ENABLED", "MLFLOW_DISABLE_TELEMETRY",
                                                    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS") if k in os.environ}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        # On a cluster the job's runtime env (cluster/runtime_env.yaml) carries these variables;
+        # passing our own here would make Ray refuse to merge the two.
+        ray.init(address=address, log_to_driver=True)
     else:
         ray.init(include_dashboard=False, resources={TRAIN_DRIVER_RESOURCE: 100}, runtime_env=env,
                  log_to_driver=True)
