@@ -332,6 +332,7 @@ def run_report(tracking_uri: str, experiments: list[str], fmt: str = "markdown",
             per = [{"experiment": name, "trial": best.index, "run_id": best.run_id, **c}
                    for c in per_class(best, table.metric_keys)]
             written.append(_write(folder / "best_per_class_iou.csv", to_csv(per)))
+            written += _best_trial_renders(client, best, folder / "renders")
         if log:
             for path in written:
                 client.log_artifact(table.parent_run_id, str(path), "report")
@@ -340,3 +341,21 @@ def run_report(tracking_uri: str, experiments: list[str], fmt: str = "markdown",
         files[name], tables[name] = written, table
     text = "\n".join(texts) if fmt == "markdown" else to_csv(all_rows)
     return {"text": text, "files": files, "tables": tables}
+
+
+def _best_trial_renders(client, best: Row, out: Path, num_scenes: int = 2) -> list[Path]:
+    """PNG renders (top-down + oblique; GT vs pseudo-labels vs predictions) of a few train scenes
+    of the best trial, when its run directory (MLflow tag rayseg.run_dir) is reachable here."""
+    from rayseg.export import ExportError, render_run_scenes
+
+    if best.run_id is None:
+        return []
+    run_dir = client.get_run(best.run_id).data.tags.get("rayseg.run_dir")
+    if not run_dir or not Path(run_dir).is_dir():
+        print(f"report: no renders: the best trial's run directory {run_dir!r} is not reachable from here")
+        return []
+    try:
+        return list(render_run_scenes(run_dir, out, num_scenes=num_scenes, split="train"))
+    except (ExportError, FileNotFoundError, ValueError) as exc:
+        print(f"report: no renders for {run_dir}: {exc}")
+        return []
