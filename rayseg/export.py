@@ -27,13 +27,12 @@ from __future__ import annotations
 import colorsys
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from rayseg import atomic
 from rayseg.data.scene import IGNORE_LABEL, S3DIS13, SCANNET20
 
 LABEL_SETS = ("gt", "pseudo", "pred")
@@ -317,7 +316,7 @@ def write_labelled_ply(path: str | Path, coord: np.ndarray, labels: np.ndarray, 
     rgb = colorize(labels, colors, what)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _readable(write_ply(path, {"x": coord[:, 0], "y": coord[:, 1], "z": coord[:, 2],
+    return (write_ply(path, {"x": coord[:, 0], "y": coord[:, 1], "z": coord[:, 2],
                                       "red": rgb[:, 0], "green": rgb[:, 1], "blue": rgb[:, 2],
                                       "label": labels.astype(np.uint8)}))
 
@@ -341,29 +340,6 @@ def export_ply(source: Source, what: tuple[str, ...], out: str | Path, log=print
 # --------------------------------------------------------------------------------------------
 # PNG renders
 # --------------------------------------------------------------------------------------------
-
-
-def _readable(path: Path) -> Path:
-    """Temp files are created 0600; pictures are for sharing: the umask's usual file mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-    return path
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        _readable(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _views(coord: np.ndarray, azimuth_deg: float, elevation_deg: float,
@@ -457,7 +433,7 @@ def render_comparison(coord: np.ndarray, label_sets: dict[str, np.ndarray], clas
     fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return _atomic_write_bytes(Path(out), buf.getvalue())
+    return atomic.write_bytes(Path(out), buf.getvalue())
 
 
 def render_source(source: Source, what: tuple[str, ...], out: str | Path, log=print) -> list[Path]:

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rayseg import atomic
 from rayseg.data.scene import IGNORE_LABEL
 
 
@@ -115,21 +114,6 @@ def iou_table(conf, class_names, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def _atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_iou_csv(conf, class_names, path: str | Path) -> Path:
     """CSV with columns class, iou, tp, fp, fn, gt_count (iou empty where the union is 0)."""
     conf = _check_names(conf, class_names).astype(np.int64)
@@ -141,7 +125,7 @@ def write_iou_csv(conf, class_names, path: str | Path) -> Path:
     for c, name in enumerate(class_names):
         writer.writerow([name, "" if np.isnan(iou[c]) else f"{iou[c]:.6f}", int(tp[c]),
                          int(conf[:, c].sum() - tp[c]), int(conf[c].sum() - tp[c]), int(conf[c].sum())])
-    return _atomic_write_bytes(path, buf.getvalue().encode())
+    return atomic.write_bytes(path, buf.getvalue().encode())
 
 
 def _save_figure(fig, path: str | Path) -> Path:
@@ -150,7 +134,7 @@ def _save_figure(fig, path: str | Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return _atomic_write_bytes(path, buf.getvalue())
+    return atomic.write_bytes(path, buf.getvalue())
 
 
 def plot_confusion(conf, class_names, path: str | Path, title: str = "confusion matrix") -> Path:

@@ -17,11 +17,11 @@ Errors name the file and what is wrong.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from rayseg import atomic
 
 _TYPES = {
     "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1",
@@ -227,13 +227,4 @@ def write_ply(path: str | Path, vertex: dict[str, np.ndarray], faces: np.ndarray
         if faces is not None:
             rows += [" ".join([str(faces.shape[1])] + [str(int(v)) for v in face]) for face in faces]
         body = ("\n".join(rows) + "\n").encode("ascii")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header + body)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic.write_bytes(path, header + body)

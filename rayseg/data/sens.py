@@ -30,13 +30,14 @@ from __future__ import annotations
 import io
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from rayseg import atomic
 
 COLOR_COMPRESSION = {-1: "unknown", 0: "raw", 1: "png", 2: "jpeg"}
 DEPTH_COMPRESSION = {-1: "unknown", 0: "raw_ushort", 1: "zlib_ushort", 2: "occi_ushort"}
@@ -214,13 +215,4 @@ def write_sens(path: str | Path, colors: list[np.ndarray], depths: list[np.ndarr
         parts.append(struct.pack("<QQQQ", 1000 * i, 1000 * i, len(cbytes), len(dbytes)))
         parts += [cbytes, dbytes]
     parts.append(struct.pack("<Q", 0))  # no IMU frames
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(b"".join(parts))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic.write_bytes(path, b"".join(parts))

@@ -31,10 +31,8 @@ import fcntl
 import hashlib
 import io
 import json
-import os
 import platform
 import socket
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -46,12 +44,12 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 import rayseg
+from rayseg.atomic import TEMP_SUFFIX, atomic_path  # noqa: F401 - re-exported for the jobs
 from rayseg.data.scene import GT_KEYS, PROFILES, SceneError, validate_scene
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".parquet"
-TEMP_SUFFIX = ".tmp"
 JPEG_QUALITY = 90
 
 # Ground-truth columns: read only by evaluation (scene.GT_KEYS).
@@ -295,25 +293,6 @@ def _row_table(row: dict, metadata: dict | None = None) -> pa.Table:
     schema = pa.schema([pa.field(k, _arrow_type(k, row[k])) for k in names],
                        metadata=metadata or {b"rayseg.schema_version": str(SCHEMA_VERSION).encode()})
     return pa.Table.from_pylist([row], schema=schema)
-
-
-@contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a hidden temp path next to ``final``; on success fsync and rename it onto ``final``.
-
-    On any exception the temp file is removed and ``final`` is left untouched."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=TEMP_SUFFIX, dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_table(table: pa.Table, path: Path) -> None:
