@@ -25,6 +25,14 @@ def tracking_uri(cfg: cfgmod.Config) -> str:
     return f"sqlite:///{runs / 'mlflow.db'}"
 
 
+def artifact_location(cfg: cfgmod.Config) -> str | None:
+    """With the default sqlite store, artifacts live beside it (<runs_dir>/mlartifacts) instead
+    of ./mlruns of whatever directory the process started in; a tracking server decides itself."""
+    if cfg.tracking.uri:
+        return None
+    return (Path(cfg.tracking.runs_dir).resolve() / "mlartifacts").as_uri()
+
+
 class Tracker:
     """A thin, explicit wrapper around one MLflow run. Disabled (all no-ops) off rank 0."""
 
@@ -41,7 +49,8 @@ class Tracker:
         self._client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
         if run_id is None:
             exp = self._client.get_experiment_by_name(cfg.tracking.experiment)
-            exp_id = exp.experiment_id if exp else self._client.create_experiment(cfg.tracking.experiment)
+            exp_id = exp.experiment_id if exp else self._client.create_experiment(
+                cfg.tracking.experiment, artifact_location=artifact_location(cfg))
             all_tags = {"mlflow.runName": run_name, **(tags or {})}
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id

@@ -499,13 +499,13 @@ def _start_parent_run(sweep: Sweep) -> str:
     grid point (trial/NNN = the point as JSON), the base config as params."""
     from mlflow.entities import Param
 
+    from rayseg.train.tracking import artifact_location
+
     cfg = sweep.config
     client = _mlflow_client(cfg)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
-        # With the default sqlite store, artifacts go beside it (MLflow's default is ./mlruns of the cwd).
-        location = None if cfg.tracking.uri else (Path(cfg.tracking.runs_dir).resolve() / "mlartifacts").as_uri()
-        exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg))
     else:
         exp_id = exp.experiment_id
     run = client.create_run(exp_id, run_name=sweep.name, tags={
