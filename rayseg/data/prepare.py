@@ -15,7 +15,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from rayseg.data import shards
 from rayseg.data.scene import PROFILES, SceneError, validate_scene
@@ -33,7 +33,12 @@ class SceneTask:
 
 @dataclass
 class PrepareSummary:
-    """What a prepare run did. ``failed`` maps scene id -> error message."""
+    """What a per-scene job (prepare; partition subclasses it) did. ``failed`` maps scene id ->
+    error message."""
+
+    JOB: ClassVar[str] = "prepare"
+    SKIPPED: ClassVar[str] = "already complete"
+    DONE: ClassVar[str] = "complete"
 
     root: Path
     total: int
@@ -46,15 +51,17 @@ class PrepareSummary:
     def ok(self) -> bool:
         return not self.failed
 
+    def subject(self) -> str:
+        return str(self.root)
+
     def format(self) -> str:
-        lines = [f"prepare: {self.root}: {self.total} scenes: {len(self.written)} written, "
-                 f"{len(self.skipped)} skipped (already complete), {len(self.failed)} failed "
+        lines = [f"{self.JOB}: {self.subject()}: {self.total} scenes: {len(self.written)} written, "
+                 f"{len(self.skipped)} skipped ({self.SKIPPED}), {len(self.failed)} failed "
                  f"in {self.seconds:.1f} s"]
         for sid, err in sorted(self.failed.items()):
             lines.append(f"  FAILED {sid}: {err}")
         if self.failed:
-            lines.append("  re-run the same command to retry the failed scenes "
-                         "(complete ones are skipped)")
+            lines.append(f"  re-run the same command to retry the failed scenes ({self.DONE} ones are skipped)")
         return "\n".join(lines)
 
 

@@ -25,11 +25,13 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from rayseg import config as cfgmod
 from rayseg.data import shards
+from rayseg.data.prepare import PrepareSummary
 from rayseg.partition import (ALL_METHODS, GT_METHOD, METHODS, PartitionError, check_method,
                               geometry, gt, is_oracle, method_params, params_hash,
                               partition_points, views)
@@ -121,31 +123,18 @@ def partition_file(path: str, methods: list[str], cfg_dict: dict) -> dict:
 
 
 @dataclass
-class PartitionSummary:
-    """What a partition run did; ``failed`` maps scene id -> error."""
+class PartitionSummary(PrepareSummary):
+    """What a partition run did (PrepareSummary's fields, plus the methods run)."""
 
-    root: Path
-    methods: list[str]
-    total: int
-    written: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
+    JOB: ClassVar[str] = "partition"
+    SKIPPED: ClassVar[str] = "up to date"
+    DONE: ClassVar[str] = "done"
 
-    @property
-    def ok(self) -> bool:
-        return not self.failed
+    methods: list[str] = field(default_factory=list)
 
-    def format(self) -> str:
+    def subject(self) -> str:
         names = ", ".join(f"{m} [{gt.ORACLE_NOTE}]" if is_oracle(m) else m for m in self.methods)
-        lines = [f"partition: {self.root}: {names}: {self.total} scenes: {len(self.written)} written, "
-                 f"{len(self.skipped)} skipped (up to date), {len(self.failed)} failed "
-                 f"in {self.seconds:.1f} s"]
-        for sid, err in sorted(self.failed.items()):
-            lines.append(f"  FAILED {sid}: {err}")
-        if self.failed:
-            lines.append("  re-run the same command to retry the failed scenes (done ones are skipped)")
-        return "\n".join(lines)
+        return f"{self.root}: {names}"
 
 
 def load_sidecar(root: Path) -> dict:
