@@ -14,15 +14,7 @@ from rayseg.sparse import SparseInputError, get_backend
 from rayseg.sparse.surface import scanned_surface_voxels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for these tests. On a 2-core machine shared with other jobs every
-    2-thread op ends in an OpenMP barrier that waits a scheduler time slice for the other
-    thread; single-threaded, this module's runtime is predictable. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scene(num_voxels: int, seed: int, batches: int = 1) -> torch.Tensor:

@@ -15,15 +15,7 @@ from rayseg.sparse.coords import CoordinateManager
 from rayseg.sparse.surface import scanned_surface_voxels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for these tests. On a 2-core machine shared with other jobs every
-    2-thread op ends in an OpenMP barrier that waits a scheduler time slice for the other
-    thread; single-threaded, this module's runtime is predictable. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _two_scenes(n: int, seed: int = 0) -> torch.Tensor:
