@@ -66,12 +66,17 @@ class SyntheticConfig:
     """Horizontal field of view of the rendered views, degrees (ScanNet's depth camera: ~58)."""
     coord_noise: float = 0.003
     """Std of Gaussian jitter on point coordinates, metres (scanner noise; 0 = exactly on surfaces)."""
+    door_p: float = 0.7
+    """Probability that a room's door is in the scan. Real scans often miss it; a class tagged in
+    every scene (like wall and floor, which only the removal augmentation teaches) cannot be
+    localised from scene tags, so a door in every room would make 'door' unlearnable."""
 
     def __post_init__(self) -> None:
         _check(self.num_scenes > 0, "num_scenes", "must be > 0")
         _check(20.0 <= self.hfov_deg <= 120.0, "hfov_deg", "must be in [20, 120] degrees")
         _check(0.0 <= self.coord_noise <= 0.02, "coord_noise", "must be in [0, 0.02] metres")
         _check(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        _check(0.0 <= self.door_p <= 1.0, "door_p", "must be in [0, 1]")
         _check(self.num_views >= 0, "num_views", "must be >= 0")
         _check(self.image_width >= 8 and self.image_height >= 8, "image_width/height", "must be >= 8")
         _check(self.points_per_m2 > 0, "points_per_m2", "must be > 0")

@@ -121,13 +121,15 @@ def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None =
           f"{len(todo)} to label with {ckpt}", flush=True)
     t0 = time.time()
     if todo:
+        import ray.data
+
         init_ray(cfg)
         sub = pipeline.DatasetPlan(**{**p.__dict__, "paths": todo, "scene_ids": [x.stem for x in todo]})
         ds = pipeline.ray_dataset_from_plan(sub, cfg, 0, cfg.seed)
         ds = ds.map(TeacherLabeler, fn_constructor_kwargs=dict(
             checkpoint=str(ckpt), flat_config=cfgmod.flatten(cfgmod.to_dict(cfg)),
             num_classes=len(p.class_names), out=str(out), split=split),
-            concurrency=cfg.ray.inference_actors, num_gpus=1 if cfg.ray.use_gpu else 0,
+            compute=ray.data.ActorPoolStrategy(size=cfg.ray.inference_actors), num_gpus=1 if cfg.ray.use_gpu else 0,
             num_cpus=cfg.ray.cpus_per_worker)
         done = 0
         for _ in ds.iter_rows():

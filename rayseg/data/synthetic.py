@@ -71,7 +71,7 @@ def generate_scene(cfg: SyntheticConfig, index: int) -> dict:
         raise ValueError(f"synthetic scene index {index} out of range [0, {cfg.num_scenes})")
     names = class_names(cfg.profile)
     rng = np.random.default_rng([cfg.seed, index])
-    room = _build_room(cfg.profile, index, rng)
+    room = _build_room(cfg.profile, index, rng, cfg.door_p)
     geo = room.finish()
 
     coord, normal, surface = _sample_points(geo, cfg, rng)
@@ -308,6 +308,7 @@ class _Room:
         self.surfaces: list[tuple] = []
         self.num_instances = 0
         self.footprints: list[tuple[float, float, float, float]] = []
+        self.door_p = 1.0  # see SyntheticConfig.door_p
         self.wall_spans: list[list[tuple[float, float, float, float]]] = [[], [], [], []]
         lx, ly, lz = self.size
         self.light = (lx * rng.uniform(0.3, 0.7), ly * rng.uniform(0.3, 0.7), lz - 0.3)
@@ -562,7 +563,9 @@ def _make_bed(room, x, y, yaw, w, length) -> _Object:
 
 
 def _add_door(room: _Room, sides=(0, 1, 2, 3)) -> bool:
-    """A closed door flat on a wall, with free floor in front of it."""
+    """A closed door flat on a wall, with free floor in front of it (in room.door_p of the rooms)."""
+    if not _chance(room, room.door_p):
+        return False
     w, h = _u(room, 0.8, 0.95), _u(room, 2.0, 2.1)
     spot = room.against_wall(w, 0.04, h, clearance=0.9, sides=sides)
     if spot is None:
@@ -1168,12 +1171,13 @@ _ROOM_TYPES = {
 _ROOM_HEIGHT = {"scannet20": (2.4, 3.0), "s3dis13": (2.8, 3.6)}
 
 
-def _build_room(profile: str, index: int, rng: np.random.Generator) -> _Room:
+def _build_room(profile: str, index: int, rng: np.random.Generator, door_p: float = 1.0) -> _Room:
     _, xr, yr, build = _ROOM_TYPES[profile][index % len(_ROOM_TYPES[profile])]
     size = (rng.uniform(*xr), rng.uniform(*yr), rng.uniform(*_ROOM_HEIGHT[profile]))
     if rng.random() < 0.5:  # either orientation
         size = (size[1], size[0], size[2])
     room = _Room(rng, profile, size, ceiling=profile == "s3dis13")
+    room.door_p = door_p
     build(room)
     return room
 
