@@ -248,3 +248,17 @@ def test_ddp_gradients_match_single_process(tiny, tmp_path):
     assert max(float((d - s).norm() / s.norm()) for s, d in zip(summed, ddp_grads) if s.norm() > 0) > 0.3
     one_scene = per_scene[0]
     assert max(float((d - o).norm() / o.norm()) for o, d in zip(one_scene, ddp_grads) if o.norm() > 0) > 0.05
+
+
+def test_old_checkpoints_are_pruned_and_partial_ones_ignored(tmp_path):
+    from rayseg.train.loop import Progress, checkpoints, save_checkpoint
+
+    (tmp_path / "checkpoints" / ".tmp-killed").mkdir(parents=True)  # a write killed midway
+    (tmp_path / "checkpoints" / ".tmp-killed" / "state.pt").write_bytes(b"trunc")
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, {"w": torch.full((2,), float(step))}, Progress(step=step, epoch=step), "cmg", keep=2)
+    kept = checkpoints(tmp_path)
+    assert [p.parent.name for p in kept] == ["000000002-cmg-e0002", "000000003-cmg-e0003"]
+    assert torch.load(latest_checkpoint(tmp_path), weights_only=False)["w"].tolist() == [3.0, 3.0]
+    save_checkpoint(tmp_path, {"w": torch.zeros(2)}, Progress(step=4, epoch=4), "cmg", keep=0)  # 0 = keep all
+    assert len(checkpoints(tmp_path)) == 3

@@ -104,7 +104,7 @@ def fit(cfg: cfgmod.Config, run_dir: Path, stages: list[str], parent_run_id: str
             name=f"{run_dir.name}-{'-'.join(stages)}-{uuid.uuid4().hex[:6]}",
             storage_path=str(run_dir / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.tracking.keep_checkpoints or None),
             callbacks=list(callbacks or [])),
     )
     result = trainer.fit()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -279,24 +280,36 @@ class Progress:
     history: list[dict] = field(default_factory=list)
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoint files, oldest first. Skips ".tmp-*" directories: a
+    checkpoint being written (or killed mid-write) is not one."""
+    return sorted(p for p in (run_dir / "checkpoints").glob("*/" + CHECKPOINT_FILE)
+                  if not p.parent.name.startswith("."))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    # Skip ".tmp-*" directories: a checkpoint being written (or killed mid-write) is not one.
-    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("*/" + CHECKPOINT_FILE)
-                   if not p.parent.name.startswith("."))
+    ckpts = checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(run_dir: Path, state: dict, progress: Progress, stage: str) -> Path:
-    """Rank 0 writes checkpoints/<step>/state.pt atomically (temp dir + rename)."""
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (keep 0 = delete none)."""
+    if keep > 0:
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old.parent, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: Path, state: dict, progress: Progress, stage: str, keep: int = 0) -> Path:
+    """Rank 0 writes checkpoints/<step>/state.pt atomically (temp dir + rename), then deletes
+    all but the newest `keep` (0 = none deleted)."""
     final = run_dir / "checkpoints" / f"{progress.step:09d}-{stage}-e{progress.epoch:04d}"
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
     torch.save({**state, "progress": progress.__dict__}, tmp / CHECKPOINT_FILE)
     if final.exists():  # a re-run of the same step after a crash: replace it
-        import shutil
-
         shutil.rmtree(final)
     os.replace(tmp, final)
+    prune_checkpoints(run_dir, keep)
     return final
 
 
@@ -458,7 +471,8 @@ def train_func(loop_config: dict) -> None:
                          "generator": _gather_generator_states(generator, world),
                          "config": loop_config["config"], "class_names": class_names, "stages": stages}
                 _report(state, progress, stage, run_dir, rank, {**report, "step": progress.step,
-                                                                "stage": stage, "epoch": progress.epoch})
+                                                                "stage": stage, "epoch": progress.epoch},
+                        cfg.tracking.keep_checkpoints)
             progress.stage_index += 1
             progress.epoch = 0
             progress.stage_step = 0
@@ -478,13 +492,14 @@ def _gather_generator_states(generator: torch.Generator, world: int) -> list[tor
     return states
 
 
-def _report(state: dict, progress: Progress, stage: str, run_dir: Path, rank: int, metrics: dict) -> None:
+def _report(state: dict, progress: Progress, stage: str, run_dir: Path, rank: int, metrics: dict,
+            keep: int) -> None:
     """Checkpoint every epoch: rank 0 writes it to the run directory and hands it to Ray Train
     (which restores it into restarted workers); the other ranks report metrics only."""
     import ray.train
 
     if rank == 0:
-        path = save_checkpoint(run_dir, state, progress, stage)
+        path = save_checkpoint(run_dir, state, progress, stage, keep)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
     else:
         ray.train.report(metrics)
