@@ -95,6 +95,84 @@ def test_custom_backward_passes_float64_gradcheck():
                                         fast_mode=fast)
 
 
+def _maps_of(manager):
+    """(name, kernel map, input rows, kernel volume) of every kind the network uses."""
+    return [("conv3", manager.conv_map(1, 3), manager.num_voxels(1), 27),
+            ("conv5", manager.conv_map(1, 5), manager.num_voxels(1), 125),
+            ("down", manager.down_map(1), manager.num_voxels(1), 8),
+            ("up", manager.up_map(2), manager.num_voxels(2), 8)]
+
+
+def test_chunk_plans_hold_every_pair_once_in_its_block():
+    manager = CoordinateManager(_two_scenes(100, seed=8))
+    for name, kmap, _, _ in _maps_of(manager):
+        for side in ("out", "in"):
+            for rows in (1, 7, 64, 10**6):
+                plan = kmap.chunked(side, rows)
+                assert kmap.chunked(side, rows) is plan  # cached
+                got = set()
+                for c, block in enumerate(plan.blocks):
+                    a, b = plan.bounds(c)
+                    for w, far, local in block:
+                        assert len(far) <= plan.max_pairs and bool((local >= 0).all()) and bool((local < b - a).all())
+                        this = (local + a).tolist()
+                        got.update((w, f, t) if side == "out" else (w, t, f) for f, t in zip(far.tolist(), this))
+                expected = {(w, i, o) for w, ii, oo in kmap.pairs for i, o in zip(ii.tolist(), oo.tolist())}
+                assert got == expected, (name, side, rows)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7, 64, 10**6])  # default, M not a multiple, one block
+def test_blocked_conv_equals_per_offset_and_passes_float64_gradcheck(chunk_rows):
+    coord = _two_scenes(40, seed=9)
+    manager = CoordinateManager(coord)
+    gen = torch.Generator().manual_seed(1)
+    for name, kmap, rows, volume in _maps_of(manager):
+        feats = torch.randn(rows, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+        kernel = torch.randn(volume, 3, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+
+        def blocked(f, k):
+            return tb.sparse_conv(f, k, kmap, chunk_rows=chunk_rows)
+
+        results = []
+        for fn in (blocked, lambda f, k: tb.sparse_conv(f, k, kmap, method="per_offset")):
+            y = fn(feats, kernel)
+            weights = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+            results.append([y, *torch.autograd.grad((y * weights).sum(), (feats, kernel))])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        if chunk_rows in (None, 7):  # the other block sizes: equal to the reference is enough
+            assert torch.autograd.gradcheck(blocked, (feats, kernel), fast_mode=name == "conv5"), name
+
+
+def test_blocked_conv_single_voxel_empty_maps_and_frozen_inputs():
+    # one voxel: the stride-1 map has no pairs besides the centre; down/up maps have one pair
+    one = CoordinateManager(torch.tensor([[0, 3, -2, 5]]))
+    gen = torch.Generator().manual_seed(3)
+    for name, kmap, rows, volume in _maps_of(one):
+        assert (name in ("down", "up")) == bool(kmap.pairs)
+        feats = torch.randn(rows, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+        kernel = torch.randn(volume, 2, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+        for chunk_rows in (None, 1, 5):
+            assert torch.autograd.gradcheck(lambda f, k: tb.sparse_conv(f, k, kmap, chunk_rows=chunk_rows),
+                                            (feats, kernel))
+    # a map with no pairs at all and no centre: zero output, zero weight gradient
+    empty = tb.KernelMap(4, 3, [])
+    feats = torch.randn(4, 2, requires_grad=True)
+    kernel = torch.randn(8, 2, 3, requires_grad=True)
+    y = tb.sparse_conv(feats, kernel, empty, chunk_rows=2)
+    assert y.shape == (3, 3) and not bool(y.any())
+    y.sum().backward()
+    assert not bool(feats.grad.any()) and not bool(kernel.grad.any())
+    # only one of the two inputs needs a gradient (the network's first layer: features frozen)
+    manager = CoordinateManager(_two_scenes(40, seed=10))
+    kmap = manager.conv_map(1, 3)
+    f = torch.randn(manager.num_voxels(1), 3, dtype=torch.float64)
+    k = torch.randn(27, 3, 2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda k: tb.sparse_conv(f, k, kmap, chunk_rows=16), (k.requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda f: tb.sparse_conv(f, k.detach(), kmap, chunk_rows=16),
+                                    (f.requires_grad_(),))
+
+
 def test_sparse_conv_equals_dense_reference():
     """The layer computes out[o] = sum_w feats[in] @ kernel[w] over the brute-force pairs."""
     coord = _two_scenes(300, seed=4)

@@ -17,7 +17,7 @@ stride share them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,7 @@ class KernelMap:
     num_out: int
     pairs: list[tuple[int, torch.Tensor, torch.Tensor]]
     identity: int | None = None
+    _plans: dict = field(default_factory=dict, repr=False, compare=False)  # (side, rows) -> ChunkPlan
 
     @property
     def max_pairs(self) -> int:
@@ -51,6 +52,65 @@ class KernelMap:
 
     def num_pairs(self) -> int:
         return sum(len(i) for _, i, _ in self.pairs) + (self.num_in if self.identity is not None else 0)
+
+    def chunked(self, side: str, rows: int) -> "ChunkPlan":
+        """The pairs grouped by blocks of `rows` consecutive rows of one side ('out' or 'in'),
+        cached. A convolution then accumulates one block at a time, so the rows it gathers and
+        writes back stay in cache instead of streaming the whole output once per offset.
+
+        Needs, per weight index, the rows of that side in ascending order (true of every map
+        the manager builds: neighbour search walks keys in order, and down-sampling is monotone
+        within one child offset); then a block's pairs are one contiguous slice of each offset.
+        """
+        key = (side, rows)
+        if key not in self._plans:
+            self._plans[key] = ChunkPlan.build(self, side, rows)
+        return self._plans[key]
+
+
+@dataclass
+class ChunkPlan:
+    """A kernel map's pairs by blocks of rows of one side ("this" side; the other is "far").
+
+    `blocks[c]` lists (weight index, far rows, this side's rows minus the block start) for the
+    rows [c * rows, min((c + 1) * rows, num_this)). Far rows are views of the map's tensors; only
+    the block-local indices are new memory.
+    """
+
+    rows: int
+    num_rows: int  # rows on this side
+    blocks: list[list[tuple[int, torch.Tensor, torch.Tensor]]]
+    max_pairs: int  # the most pairs of one weight index within one block (workspace size)
+
+    def bounds(self, c: int) -> tuple[int, int]:
+        return c * self.rows, min((c + 1) * self.rows, self.num_rows)
+
+    @staticmethod
+    def build(kmap: KernelMap, side: str, rows: int) -> "ChunkPlan":
+        if side not in ("out", "in"):
+            raise ValueError(f"side must be 'out' or 'in', got {side!r}")
+        if rows < 1:
+            raise ValueError(f"chunk rows must be >= 1, got {rows}")
+        num_rows = kmap.num_out if side == "out" else kmap.num_in
+        num_blocks = max(-(-num_rows // rows), 1)
+        blocks: list[list] = [[] for _ in range(num_blocks)]
+        max_pairs = 0
+        for w, rows_in, rows_out in kmap.pairs:
+            this, far = (rows_out, rows_in) if side == "out" else (rows_in, rows_out)
+            if len(this) == 0:
+                continue
+            if bool((this[1:] < this[:-1]).any()):
+                raise ValueError(f"kernel map rows of weight {w} are not ascending on side {side!r}")
+            block = torch.div(this, rows, rounding_mode="floor")
+            local = this - block * rows
+            counts = torch.bincount(block, minlength=num_blocks).tolist()
+            start = 0
+            for c, n in enumerate(counts):
+                if n:
+                    blocks[c].append((w, far[start:start + n], local[start:start + n]))
+                    max_pairs = max(max_pairs, n)
+                start += n
+        return ChunkPlan(rows, num_rows, blocks, max_pairs)
 
 
 @dataclass
