@@ -44,7 +44,11 @@ def cmd_prepare_synthetic(args: argparse.Namespace) -> int:
             raise cfgmod.ConfigError(f"--image-size: expected WxH such as 320x240, got {args.image_size!r}")
         overrides += [f"synthetic.image_width={width}", f"synthetic.image_height={height}"]
     cfg = cfgmod.load(args.config, overrides).config.synthetic
-    summary = prepare.prepare_synthetic(cfg, args.out, num_cpus_per_task=args.num_cpus_per_task)
+    try:
+        summary = prepare.prepare_synthetic(cfg, args.out, num_cpus_per_task=args.num_cpus_per_task)
+    except ValueError as exc:  # e.g. the folder holds scenes made with other settings
+        print(f"prepare synthetic: {exc}", file=sys.stderr)
+        return 2
     print(summary.format())
     return 0 if summary.ok else 1
 

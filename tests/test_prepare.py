@@ -181,7 +181,7 @@ def test_prepare_synthetic_cli_writes_generator_scenes_and_resumes(tmp_path, ray
     assert "3 scenes: 3 written, 0 skipped" in capsys.readouterr().out
     manifest = shards.load_manifest(out)
     assert manifest["splits"] == {"train": 2, "val": 1}
-    assert manifest["metadata"]["synthetic"]["seed"] == 5
+    assert manifest["metadata"]["settings"]["seed"] == 5
     cfg = SyntheticConfig(num_scenes=3, num_views=2, seed=5, image_width=40, image_height=30,
                           min_points=1000, max_points=1500)
     expected = synthetic.generate_scene(cfg, 2)
@@ -192,5 +192,11 @@ def test_prepare_synthetic_cli_writes_generator_scenes_and_resumes(tmp_path, ray
 
     assert cli.main(argv) == 0  # resumable: nothing to redo
     assert "3 scenes: 0 written, 3 skipped" in capsys.readouterr().out
+    # Other generator settings into the same folder: refused (not silently mixed), files untouched
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    assert cli.main(argv + ["--set", "synthetic.door_p=0.2"]) != 0
+    err = capsys.readouterr().err
+    assert "door_p: 0.7 there, 0.2 now" in err and "use another --out" in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
     assert cli.main(argv[:-4] + ["--image-size", "40by30"]) == 2
     assert "--image-size: expected WxH" in capsys.readouterr().err

@@ -9,6 +9,7 @@ progress lines, a per-scene failure summary and the manifest.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import time
@@ -128,11 +129,15 @@ def _remove_stale_temps(root: Path, older_than: float) -> None:
 
 def run_prepare(out_root: str | Path, tasks: list[SceneTask], profile: str,
                 metadata: dict | None = None, num_cpus_per_task: float = 1,
-                progress_seconds: float = 5.0) -> PrepareSummary:
+                progress_seconds: float = 5.0, settings: dict | None = None) -> PrepareSummary:
     """Prepare every task's scene as one Ray task and write the manifest; see the module doc.
 
     Scenes already complete in ``out_root`` are skipped; a failing scene is reported by id in
-    the summary while the others complete. The manifest lists every shard in ``out_root``."""
+    the summary while the others complete. The manifest lists every shard in ``out_root``.
+    ``settings`` (JSON-able) are what determine a shard's content (generator parameters, frame
+    skip, image size...); they are stored in the manifest, and a folder whose manifest holds
+    other settings is refused, since skipping its complete shards would silently mix scenes made
+    two different ways."""
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     if not tasks:
@@ -153,8 +158,16 @@ def run_prepare(out_root: str | Path, tasks: list[SceneTask], profile: str,
             raise ValueError(f"{root} holds a {old.get('profile')!r} dataset; refusing to add "
                              f"{profile!r} scenes (use another --out)")
         expected = {e["path"]: e["sha256"] for e in old["scenes"]}
+        old_settings = (old.get("metadata") or {}).get("settings")
+        if settings is not None and old_settings is not None and old_settings != json.loads(json.dumps(settings)):
+            differ = sorted(k for k in set(settings) | set(old_settings) if settings.get(k) != old_settings.get(k))
+            changes = ", ".join(f"{k}: {old_settings.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
+            raise ValueError(f"{root} was prepared with other settings ({changes}); use another --out "
+                             "or delete the folder")
     except (FileNotFoundError, shards.ShardError):
         pass  # no (usable) manifest yet: every existing shard is re-validated in full
+    if settings is not None:
+        metadata = {**(metadata or {}), "settings": settings}
 
     import ray
 
@@ -209,6 +222,8 @@ def prepare_synthetic(cfg, out_root: str | Path, num_cpus_per_task: float = 1) -
     """Generate ``cfg.num_scenes`` synthetic scenes (rayseg.data.synthetic) into ``out_root``."""
     import dataclasses
 
-    metadata = {"generator": "rayseg.data.synthetic", "coordinates": "axis_aligned",
-                "synthetic": dataclasses.asdict(cfg)}
-    return run_prepare(out_root, synthetic_tasks(cfg), cfg.profile, metadata, num_cpus_per_task)
+    from rayseg.data.synthetic import GENERATOR_VERSION
+
+    metadata = {"generator": "rayseg.data.synthetic", "coordinates": "axis_aligned"}
+    settings = {"generator_version": GENERATOR_VERSION, **dataclasses.asdict(cfg)}
+    return run_prepare(out_root, synthetic_tasks(cfg), cfg.profile, metadata, num_cpus_per_task, settings=settings)

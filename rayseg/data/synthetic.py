@@ -35,6 +35,10 @@ from rayseg.config import SyntheticConfig
 from rayseg.data.scene import IGNORE_LABEL, PROFILES
 
 BOX, CYLINDER = 0, 1
+GENERATOR_VERSION = 2
+"""Bumped whenever the same SyntheticConfig would generate different scenes (2: doors only in
+door_p of the rooms); stored with the settings in the manifest, so `prepare` refuses to top up a
+folder made by another version."""
 TEXTURE_WAVES = 4
 CAMERA_HEIGHT = (1.3, 1.7)
 # Shell faces in surface order: x-lo, x-hi, y-lo, y-hi wall sides, floor, ceiling; inward normals.
