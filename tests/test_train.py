@@ -262,3 +262,26 @@ def test_old_checkpoints_are_pruned_and_partial_ones_ignored(tmp_path):
     assert torch.load(latest_checkpoint(tmp_path), weights_only=False)["w"].tolist() == [3.0, 3.0]
     save_checkpoint(tmp_path, {"w": torch.zeros(2)}, Progress(step=4, epoch=4), "cmg", keep=0)  # 0 = keep all
     assert len(checkpoints(tmp_path)) == 3
+
+
+def test_resume_takes_the_most_advanced_checkpoint_that_loads(tmp_path, capsys):
+    from rayseg.train.loop import Progress, resume_state, save_checkpoint
+
+    run = tmp_path / "run"
+    assert resume_state(None, run) == (None, None)  # fresh start
+    for step in (1, 2):
+        save_checkpoint(run, {"w": torch.full((2,), float(step))}, Progress(step=step), "cmg")
+    ray_dir = tmp_path / "ray"
+    ray_dir.mkdir()
+    torch.save({"w": torch.zeros(2), "progress": Progress(step=1).__dict__}, ray_dir / "state.pt")
+    path, state = resume_state(ray_dir / "state.pt", run)  # the run directory is further along
+    assert state["progress"]["step"] == 2 and path.parent.name.startswith("000000002")
+    newest = save_checkpoint(run, {"w": torch.ones(2)}, Progress(step=3), "cmg")
+    newest.joinpath("state.pt").write_bytes(newest.joinpath("state.pt").read_bytes()[:100])  # truncated
+    torch.save({"w": torch.zeros(2), "progress": Progress(step=2).__dict__}, ray_dir / "state.pt")
+    path, state = resume_state(ray_dir / "state.pt", run)  # tie at step 2 after skipping the bad one: Ray's
+    assert path == ray_dir / "state.pt" and state["progress"]["step"] == 2
+    assert "000000003-cmg-e0000/state.pt does not load" in capsys.readouterr().out
+    (ray_dir / "state.pt").write_bytes(b"not a checkpoint")
+    path, state = resume_state(ray_dir / "state.pt", run)  # Ray's unreadable: the run directory's
+    assert path.parent.name.startswith("000000002") and state["w"].tolist() == [2.0, 2.0]

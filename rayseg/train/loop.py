@@ -299,6 +299,37 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
             shutil.rmtree(old.parent, ignore_errors=True)
 
 
+def resume_state(ray_file: Path | None, run_dir: Path, device: torch.device | str = "cpu",
+                 ) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from: (file, loaded state), or (None, None) for a fresh start.
+
+    Candidates: Ray Train's checkpoint (what a restarted worker is handed; on a cluster the only
+    one a worker on another node can see) and the run directory's, newest first. The one with
+    the most progress wins, ties going to Ray's. A file that does not load (e.g. truncated when a
+    disk filled mid-copy) is skipped with a warning, not fatal: the next candidate is used."""
+    def load(path: Path) -> dict | None:
+        try:
+            return torch.load(path, map_location=device, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad file
+            print(f"[rayseg] WARNING: checkpoint {path} does not load ({type(exc).__name__}: {exc}); "
+                  "trying an older one", flush=True)
+            return None
+
+    best: tuple[Path | None, dict | None] = (None, None)
+    if ray_file is not None:
+        best = (ray_file, load(ray_file))
+        if best[1] is None:
+            best = (None, None)
+    for path in reversed(checkpoints(run_dir)):
+        state = load(path)
+        if state is None:
+            continue
+        if best[1] is None or state["progress"]["step"] > best[1]["progress"]["step"]:
+            best = (path, state)
+        break  # the newest loadable one of the run directory
+    return best
+
+
 def save_checkpoint(run_dir: Path, state: dict, progress: Progress, stage: str, keep: int = 0) -> Path:
     """Rank 0 writes checkpoints/<step>/state.pt atomically (temp dir + rename), then deletes
     all but the newest `keep` (0 = none deleted)."""
@@ -362,15 +393,11 @@ def train_func(loop_config: dict) -> None:
     thresholds = {side: L.ThresholdState.from_config(cfg.loss.rpc, num_classes) for side in ("3d", "2d")}
     progress = Progress()
 
-    # Resume: Ray Train's checkpoint (worker restart) or the run directory's latest (driver restart).
+    # Resume: Ray Train's checkpoint (worker restart) or the run directory's (driver restart).
     ckpt = ray.train.get_checkpoint()
-    ckpt_file = None
-    if ckpt is not None:
-        ckpt_file = Path(ckpt.to_directory()) / CHECKPOINT_FILE
-    elif latest_checkpoint(run_dir) is not None:
-        ckpt_file = latest_checkpoint(run_dir)
-    if ckpt_file is not None:
-        state = torch.load(ckpt_file, map_location=device, weights_only=False)
+    ckpt_file, state = resume_state(Path(ckpt.to_directory()) / CHECKPOINT_FILE if ckpt is not None else None,
+                                    run_dir, device)
+    if state is not None:
         student.load_state_dict(state["student"])
         if teacher is not None:
             teacher.load_state_dict(state["teacher"])
@@ -383,7 +410,7 @@ def train_func(loop_config: dict) -> None:
                   f"epoch {progress.epoch} step {progress.step}", flush=True)
 
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    if ckpt_file is not None and state.get("generator") is not None:
+    if state is not None and state.get("generator") is not None:
         generator.set_state(state["generator"][rank] if rank < len(state["generator"]) else state["generator"][0])
 
     tracker = Tracker(cfg, loop_config["run_name"], enabled=(rank == 0), run_id=progress.mlflow_run_id,
