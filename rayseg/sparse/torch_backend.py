@@ -113,9 +113,7 @@ class _PerOffsetConv(torch.autograd.Function):
             else:
                 grad_feats = torch.zeros_like(feats)
         if need_kernel:
-            grad_kernel = torch.zeros_like(kernel)
-            if kmap.identity is not None:
-                torch.mm(feats.T, grad_out, out=grad_kernel[kmap.identity])
+            grad_kernel = _weight_grad_with_centre(feats, grad_out, kernel, kmap)
         grad_rows = grad_out.new_empty(kmap.max_pairs, grad_out.shape[1])
         in_rows = feats.new_empty(kmap.max_pairs, feats.shape[1])  # input rows, then their grads
         for w, rows_in, rows_out in kmap.pairs:
@@ -143,32 +141,43 @@ def chunk_rows_for(channels: int) -> int:
     return max(MIN_CHUNK_ROWS, 1 << (rows.bit_length() - 1))
 
 
-def _accumulate_blocks(dest: torch.Tensor, src: torch.Tensor, weights: torch.Tensor, plan: ChunkPlan,
+def _weight_grad_with_centre(feats: torch.Tensor, grad_out: torch.Tensor, kernel: torch.Tensor,
+                             kmap: KernelMap) -> torch.Tensor:
+    """A zero weight gradient with the identity offset's term (every row paired with itself)
+    already in; the other offsets are added pair by pair."""
+    grad_kernel = torch.zeros_like(kernel)
+    if kmap.identity is not None:
+        torch.mm(feats.T, grad_out, out=grad_kernel[kmap.identity])
+    return grad_kernel
+
+
+def _accumulate_blocks(dest: torch.Tensor | None, src: torch.Tensor, weights: torch.Tensor, plan: ChunkPlan,
                        centre: torch.Tensor | None, src_rows: torch.Tensor | None = None,
                        grad_kernel: torch.Tensor | None = None) -> None:
     """dest[r] = src[r] @ centre + sum over plan pairs (w, far, r) of src[far] @ weights[w], one
     block of dest rows at a time (dest's block stays in cache across the offsets).
 
     With `grad_kernel`, also grad_kernel[w] += src_rows[r]^T @ src[far] over the same pairs
-    (the weight gradient, from the rows the block already has at hand).
+    (the weight gradient, from the rows the block already has at hand). dest None: only that.
     """
-    cin, cout = src.shape[1], dest.shape[1]
-    gathered = src.new_empty(plan.max_pairs, cin)
-    partial = src.new_empty(plan.max_pairs, cout)
+    gathered = src.new_empty(plan.max_pairs, src.shape[1])
+    partial = src.new_empty(plan.max_pairs, dest.shape[1]) if dest is not None else None
     own = src_rows.new_empty(plan.max_pairs, src_rows.shape[1]) if grad_kernel is not None else None
     for c, block in enumerate(plan.blocks):
         a, b = plan.bounds(c)
-        dest_block = dest[a:b]
-        if centre is not None:
-            torch.mm(src[a:b], centre, out=dest_block)
-        else:
-            dest_block.zero_()
+        dest_block = dest[a:b] if dest is not None else None
+        if dest_block is not None:
+            if centre is not None:
+                torch.mm(src[a:b], centre, out=dest_block)
+            else:
+                dest_block.zero_()
         for w, far, local in block:
             n = len(far)
             x = torch.index_select(src, 0, far, out=gathered[:n])
-            acc = torch.index_select(dest_block, 0, local, out=partial[:n])
-            acc.addmm_(x, weights[w])
-            dest_block.index_copy_(0, local, acc)
+            if dest_block is not None:
+                acc = torch.index_select(dest_block, 0, local, out=partial[:n])
+                acc.addmm_(x, weights[w])
+                dest_block.index_copy_(0, local, acc)
             if grad_kernel is not None:
                 y = torch.index_select(src_rows[a:b], 0, local, out=own[:n])
                 grad_kernel[w].addmm_(y.T, x)
@@ -207,25 +216,13 @@ class _BlockedConv(torch.autograd.Function):
         plan = kmap.chunked("in", rows)
         kernel_t = kernel.transpose(1, 2).contiguous()
         if need_kernel:
-            grad_kernel = torch.zeros_like(kernel)
-            if kmap.identity is not None:
-                torch.mm(feats.T, grad_out, out=grad_kernel[kmap.identity])
+            grad_kernel = _weight_grad_with_centre(feats, grad_out, kernel, kmap)
         if need_feats:
             grad_feats = torch.empty_like(feats)
-            centre = kernel_t[kmap.identity] if kmap.identity is not None else None
-            _accumulate_blocks(grad_feats, grad_out, kernel_t, plan, centre,
-                               src_rows=feats if need_kernel else None,
-                               grad_kernel=grad_kernel if need_kernel else None)
-        else:  # weight gradient only (a layer on the network input)
-            gathered = grad_out.new_empty(plan.max_pairs, grad_out.shape[1])
-            own = feats.new_empty(plan.max_pairs, feats.shape[1])
-            for c, block in enumerate(plan.blocks):
-                a, b = plan.bounds(c)
-                for w, far, local in block:
-                    n = len(far)
-                    g = torch.index_select(grad_out, 0, far, out=gathered[:n])
-                    x = torch.index_select(feats[a:b], 0, local, out=own[:n])
-                    grad_kernel[w].addmm_(x.T, g)
+        centre = kernel_t[kmap.identity] if kmap.identity is not None else None
+        # Without need_feats (a layer on the network input) only the weight gradient is summed.
+        _accumulate_blocks(grad_feats, grad_out, kernel_t, plan, centre,
+                           src_rows=feats if need_kernel else None, grad_kernel=grad_kernel)
         return grad_feats, grad_kernel, None, None
 
 
