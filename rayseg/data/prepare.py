@@ -148,6 +148,8 @@ def run_prepare(out_root: str | Path, tasks: list[SceneTask], profile: str,
         if task.scene_id in seen:
             raise ValueError(f"duplicate scene id {task.scene_id!r} in the prepare tasks")
         seen.add(task.scene_id)
+    if settings is not None:  # as the manifest will hold them (tuples become lists)
+        settings = json.loads(json.dumps(settings))
     root = Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
     num_classes = len(PROFILES[profile])
@@ -159,7 +161,7 @@ def run_prepare(out_root: str | Path, tasks: list[SceneTask], profile: str,
                              f"{profile!r} scenes (use another --out)")
         expected = {e["path"]: e["sha256"] for e in old["scenes"]}
         old_settings = (old.get("metadata") or {}).get("settings")
-        if settings is not None and old_settings is not None and old_settings != json.loads(json.dumps(settings)):
+        if settings is not None and old_settings is not None and old_settings != settings:
             differ = sorted(k for k in set(settings) | set(old_settings) if settings.get(k) != old_settings.get(k))
             changes = ", ".join(f"{k}: {old_settings.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
             raise ValueError(f"{root} was prepared with other settings ({changes}); use another --out "
