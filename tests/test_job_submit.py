@@ -35,57 +35,19 @@ import pytest
 import yaml
 
 from rayseg.train.launch import TRAIN_DRIVER_RESOURCE
+from tiny import TINY_RUN, toml_text
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 
-# Tiny synthetic scenes and networks (as tests/test_train.py), 3D only, 2 train + 1 val scenes,
+# The shared tiny run (tests/tiny.py), 3D only, 2 train + 1 val scenes,
 # one stage of one epoch: the job plumbing is under test here, not the method.
 PREPARE = ["--scenes", "3", "--views", "0",
            "--set", "synthetic.val_fraction=0.34", "--set", "synthetic.min_points=1500",
            "--set", "synthetic.max_points=2500", "--set", "synthetic.points_per_m2=30.0"]
-TINY_TOML = """\
-name = "jobtest"
-seed = 0
-
-[data]
-root = "{root}"
-voxel_size = 0.08
-num_views = 0
-image_width = 64
-image_height = 48
-monitor_scenes = 1
-loader = "local"
-region_column = "shape_detection"
-
-[model]
-backbone_3d = "MinkUNet14A"
-backbone_2d = "resnet34"
-init_2d = "none"
-
-[loss.guidance]
-warmup_steps = 2
-
-[loss.rpc]
-warmup_steps = 2
-ema_decay = 0.9
-
-[optim]
-batch_size = 2
-cmg_epochs = 0
-cmg_rpc_epochs = 1
-loops_per_epoch = 1
-seg_epochs = 1
-seg_backbone = "MinkUNet14A"
-seg_voxel_size = 0.08
-
-[ray]
-cpus_per_worker = 0.5
-
-[grid]
-"loss.rpc.eta" = [0.5, 0.8]
-"""
+TINY_JOB = {**TINY_RUN, "name": "jobtest", "seed": 0, "data.num_views": 0, "data.monitor_scenes": 1,
+            "data.region_column": "shape_detection", "optim.cmg_epochs": 0}
 
 
 def free_port() -> int:
@@ -227,7 +189,7 @@ def test_tune_job_on_a_local_head(tmp_path):
     runs = tmp_path / "runs"
     db = tmp_path / "mlflow.db"
     experiment = tmp_path / "tiny.toml"
-    experiment.write_text(TINY_TOML.format(root=data))
+    experiment.write_text(toml_text({**TINY_JOB, "data.root": str(data)}, grid={"loss.rpc.eta": [0.5, 0.8]}))
 
     t0 = time.time()
     head = LocalHead(tmp_path)

@@ -24,22 +24,10 @@ from rayseg.data.prepare import prepare_synthetic
 from rayseg.partition.job import run_partition
 from rayseg.train import launch
 from rayseg.train.loop import latest_checkpoint
+from tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "synthetic.num_scenes": 6, "synthetic.val_fraction": 0.34, "synthetic.num_views": 4,
-    "synthetic.image_width": 64, "synthetic.image_height": 48, "synthetic.min_points": 2500,
-    "synthetic.max_points": 4000, "synthetic.points_per_m2": 40.0,
-    "data.voxel_size": 0.08, "data.num_views": 2, "data.image_width": 64, "data.image_height": 48,
-    "data.monitor_scenes": 2, "data.loader": "local",
-    "model.backbone_3d": "MinkUNet14A", "model.backbone_2d": "resnet34", "model.init_2d": "none",
-    "loss.guidance.warmup_steps": 2, "loss.rpc.warmup_steps": 2, "loss.rpc.ema_decay": 0.9,
-    "optim.batch_size": 2, "optim.cmg_epochs": 1, "optim.cmg_rpc_epochs": 1, "optim.loops_per_epoch": 1,
-    "optim.seg_epochs": 1, "optim.seg_backbone": "MinkUNet14A", "optim.seg_voxel_size": 0.08,
-    "optim.cmg_lr": 0.02, "optim.cmg_rpc_lr": 0.01, "optim.seg_lr": 0.02,
-    "ray.cpus_per_worker": 0.5,
-}
 
 
 @pytest.fixture(scope="module")

@@ -22,64 +22,11 @@ from rayseg import config as cfgmod
 from rayseg.data.prepare import prepare_synthetic
 from rayseg.partition.job import run_partition
 from rayseg.train import launch, tune
+from tiny import TINY, toml_text
 
-# Tiny scenes and networks, as tests/test_train.py: 4 train + 2 val scenes, one epoch per stage.
-BASE_TOML = """\
-name = "tiny"
-
-[synthetic]
-num_scenes = 6
-val_fraction = 0.34
-num_views = 4
-image_width = 64
-image_height = 48
-min_points = 2500
-max_points = 4000
-points_per_m2 = 40.0
-
-[data]
-root = "{root}"
-voxel_size = 0.08
-num_views = 2
-image_width = 64
-image_height = 48
-monitor_scenes = 1
-loader = "local"
-
-[model]
-backbone_3d = "MinkUNet14A"
-backbone_2d = "resnet34"
-init_2d = "none"
-
-[loss.guidance]
-warmup_steps = 2
-
-[loss.rpc]
-warmup_steps = 2
-ema_decay = 0.9
-
-[optim]
-batch_size = 2
-cmg_epochs = 1
-cmg_rpc_epochs = 1
-loops_per_epoch = 1
-seg_epochs = 1
-seg_backbone = "MinkUNet14A"
-seg_voxel_size = 0.08
-cmg_lr = 0.02
-cmg_rpc_lr = 0.01
-seg_lr = 0.02
-
-[ray]
-cpus_per_worker = 0.5
-
-[tracking]
-runs_dir = "{runs}"
-experiment = "tiny-sweep"
-
-[tune]
-max_concurrent = 2
-"""
+# The shared tiny experiment (tests/tiny.py): 4 train + 2 val scenes, one epoch per stage.
+BASE = {**TINY, "name": "tiny", "data.monitor_scenes": 1, "tracking.experiment": "tiny-sweep",
+        "tune.max_concurrent": 2}
 
 SWEEP_TOML = """\
 extends = "base.toml"
@@ -103,7 +50,8 @@ def tiny(tmp_path_factory):
     (2 CPUs, the TRAIN_DRIVER resource trial drivers use)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     tmp = tmp_path_factory.mktemp("tune")
-    base = write(tmp / "base.toml", BASE_TOML.format(root=tmp / "data", runs=tmp / "runs"))
+    base = write(tmp / "base.toml", toml_text({**BASE, "data.root": str(tmp / "data"),
+                                              "tracking.runs_dir": str(tmp / "runs")}))
     cfg = cfgmod.load(base).config
     launch.quiet_environment()
     ray.init(num_cpus=2, include_dashboard=False, resources={launch.TRAIN_DRIVER_RESOURCE: 100})
