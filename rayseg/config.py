@@ -164,6 +164,11 @@ class AugmentConfig:
     """Mix3D: the student sees two scenes overlaid (tags OR-ed, cross-scene links invalid)."""
     mix3d_max_offset: float = 1.0
     """Mix3D: the second scene is shifted in x and y by up to this many metres (whole voxels)."""
+    removal_2d: bool = True
+    """Extend floor/wall/ceiling removal to the 2D branch: pixels showing a removed region leave the
+    2D classification pooling (and 2D RPC) and the views' tags are cleared like the points'. Off =
+    the reference behaviour (views keep every tag); a 2D branch trained from scratch then cannot
+    tell wall/floor pixels from others, since those classes are tagged in every scene."""
     removal_band: float = 0.5
     """Floor/wall/ceiling removal looks for the biggest region within this many metres of each face."""
     chromatic_teacher: bool = True

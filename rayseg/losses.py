@@ -137,13 +137,27 @@ def multilabel_cls_loss(logits: torch.Tensor, offset: torch.Tensor, tags: torch.
     return F.multilabel_soft_margin_loss(pooled[nonempty], tags[nonempty].float())
 
 
-def multilabel_cls_loss_2d(logits: torch.Tensor, view_offset: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+def multilabel_cls_loss_2d(logits: torch.Tensor, view_offset: torch.Tensor, tags: torch.Tensor,
+                           valid: torch.Tensor | None = None) -> torch.Tensor:
     """Lcls for 2D: the same loss on logits (V, C, H, W) average-pooled over all pixels of all the
-    views of each scene (views share H x W, so the mean of per-view means is the pixel mean)."""
+    views of each scene. valid (V, H, W) bool, optional: pool only these pixels (pixels of removed
+    floor/wall/ceiling regions are not); a scene with no valid pixel is left out."""
     if logits.dim() != 4:
         raise ValueError(f"2D logits must be (V, C, H, W), got shape {tuple(logits.shape)}")
-    per_view = logits.float().mean(dim=(2, 3))
-    return multilabel_cls_loss(per_view, view_offset, tags)
+    if valid is None:  # views share H x W, so the mean of per-view means is the pixel mean
+        return multilabel_cls_loss(logits.float().mean(dim=(2, 3)), view_offset, tags)
+    if valid.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"valid must be (V, H, W) = {tuple(logits.shape[:1] + logits.shape[2:])}, "
+                         f"got {tuple(valid.shape)}")
+    weight = valid.to(torch.float32).unsqueeze(1)
+    view_sums = (logits.float() * weight).sum(dim=(2, 3))
+    scene_sums, _ = segment_mean(view_sums, view_offset)  # means of sums over the same views:
+    scene_pixels, _ = segment_mean(weight.sum(dim=(2, 3)), view_offset)  # their ratio is the mean
+    nonempty = scene_pixels[:, 0] > 0
+    if not nonempty.any():
+        return logits.sum() * 0.0
+    pooled = scene_sums[nonempty] / scene_pixels[nonempty]
+    return F.multilabel_soft_margin_loss(pooled, tags[nonempty].float())
 
 
 # --------------------------------------------------------------------------------------------

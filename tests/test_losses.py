@@ -65,6 +65,19 @@ def test_multilabel_cls_loss_2d_pools_all_pixels_of_all_views():
     with pytest.raises(ValueError, match=r"\(V, C, H, W\)"):
         losses.multilabel_cls_loss_2d(logits[0], torch.tensor([2]), tags[:1])
 
+    # valid pixels only (removed structures): scene 0 pools 3 pixels of view 0 and 1 of view 1,
+    # scene 1 has none left and is left out
+    valid = torch.zeros(3, 2, 3, dtype=torch.bool)
+    valid[0, 0, :] = True
+    valid[1, 1, 2] = True
+    pooled0 = [torch.cat([logits[0, c, 0, :], logits[1, c, 1, 2:]]).mean().item() for c in range(2)]
+    loss = losses.multilabel_cls_loss_2d(logits, torch.tensor([2, 3]), tags, valid)
+    assert loss.item() == pytest.approx(soft_margin(pooled0, [1, 1]), rel=1e-5)
+    full = losses.multilabel_cls_loss_2d(logits, torch.tensor([2, 3]), tags, torch.ones(3, 2, 3, dtype=torch.bool))
+    assert full.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match=r"valid must be \(V, H, W\)"):
+        losses.multilabel_cls_loss_2d(logits, torch.tensor([2, 3]), tags, valid[:, 0])
+
 
 # -------------------------------------------------------------------- masked softmax, regions
 

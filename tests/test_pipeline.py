@@ -102,7 +102,16 @@ def test_teacher_and_student_are_the_same_points(dataset):
         np.testing.assert_array_equal(batch[key], batch["teacher_" + key])
     assert batch["teacher_tags"][:, FLOOR].max() == 0  # removal happened before the split
     np.testing.assert_array_equal(batch["tags"][0], batch["teacher_tags"][:2].max(0))
-    assert batch["view_tags"][:, FLOOR].min() == 1  # the views still show the floor
+    # augment.removal_2d: the floor's pixels leave the 2D pooling and the views' tag is cleared too
+    np.testing.assert_array_equal(batch["view_tags"], batch["tags"])
+    np.testing.assert_array_equal(batch["view_valid"], batch["teacher_view_valid"])
+    assert batch["view_valid"].shape == batch["view_region"].shape and batch["view_valid"].dtype == bool
+    assert 0.05 < 1 - batch["view_valid"].mean() < 0.6  # the camera looks down: floor, not everything
+    kept = small_config(**{"augment.remove_floor_p": 1.0, "augment.remove_wall_p": 0.0, "data.max_points": 2500,
+                           "augment.mix3d": True, "augment.removal_2d": False})
+    reference = next(P.iter_batches(dataset, "train", kept, "train", epoch=0, batch_size=4))
+    assert reference["view_tags"][:, FLOOR].min() == 1 and reference["view_valid"].all()  # views show the floor
+    np.testing.assert_array_equal(reference["teacher_tags"], batch["teacher_tags"])
     voxel = cfg.data.voxel_size
     student = _point_positions(batch["coord"], batch["inverse"], voxel)
     teacher = _point_positions(batch["teacher_coord"], batch["teacher_inverse"], voxel)

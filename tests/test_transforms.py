@@ -11,7 +11,7 @@ import pytest
 from rayseg import config as cfgmod
 from rayseg.data import pipeline as P
 from rayseg.data import transforms as T
-from rayseg.data.linking import link_points
+from rayseg.data.linking import backproject, link_points, removed_pixel_mask
 from rayseg.data.scene import SCANNET20, SceneError
 
 WALL, FLOOR, TABLE, CHAIR = (SCANNET20.index(n) for n in ("wall", "floor", "table", "chair"))
@@ -164,6 +164,33 @@ def test_rendered_room_links_most_points_and_rejects_occluded():
     ray = scene["coord"][idx] - pose[:3, 3]
     hidden = scene["coord"][idx] + 0.5 * ray / np.linalg.norm(ray, axis=1, keepdims=True)
     assert link_points(hidden, depth, pose, K, tol=0.05)[0].size == 0
+
+
+def test_backprojection_inverts_linking_and_marks_removed_pixels():
+    from scipy.spatial import cKDTree
+
+    scene = room_scene(num_views=2)
+    pose, K, depth = scene["view_pose"][0], scene["view_intrinsics"][0], scene["view_depth"][0]
+    idx, pix = link_points(scene["coord"], depth, pose, K, tol=0.05)
+    flat, xyz = backproject(depth, pose, K)
+    where = np.searchsorted(flat, pix)
+    np.testing.assert_array_equal(flat[where], pix)  # every linked pixel has a depth
+    # a linked pixel's back-projection lies within half a pixel's footprint (+ tol) of its point
+    dist = np.linalg.norm(xyz[where] - scene["coord"][idx], axis=1)
+    assert np.median(dist) < 0.1 and dist.max() < 0.35
+
+    floor = scene["region_test"] == 0
+    tree = cKDTree(scene["coord"])
+    for v in range(2):
+        pose, depth = scene["view_pose"][v], scene["view_depth"][v]
+        mask = removed_pixel_mask(tree, floor, depth, pose, K, max_distance=0.2)
+        flat, xyz = backproject(depth, pose, K)
+        on_floor = np.zeros(depth.size, bool)
+        on_floor[flat] = xyz[:, 2] < 0.1  # the floor is the plane z = 0 (depth rendered from splats)
+        assert on_floor.sum() > 50
+        assert (mask.reshape(-1) == on_floor).mean() > 0.97  # only the floor/wall seam may differ
+        assert not removed_pixel_mask(tree, np.zeros_like(floor), depth, pose, K, 0.2).any()
+        assert not removed_pixel_mask(tree, floor, np.zeros_like(depth), pose, K, 0.2).any()  # no depth: kept
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,3 +54,35 @@ def link_points(
     d = depth[py, px].astype(np.float64)
     visible = np.isfinite(d) & (d > 0) & (np.abs(d - z) <= tol)
     return idx[visible].astype(np.int64), (py[visible] * w + px[visible]).astype(np.int64)
+
+
+def backproject(depth: np.ndarray, pose: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World coordinates of the pixels with a valid depth: (flat pixel indices (P,), xyz (P, 3)).
+    Inverse of the projection link_points uses (pixel centres at integer coordinates)."""
+    h, w = depth.shape
+    flat = np.nonzero((np.isfinite(depth) & (depth > 0)).reshape(-1))[0]
+    if flat.size == 0 or not np.isfinite(pose).all() or not np.isfinite(K).all():
+        return np.zeros(0, np.int64), np.zeros((0, 3))
+    y, x = np.divmod(flat, w)
+    z = depth.reshape(-1)[flat].astype(np.float64)
+    K = K.astype(np.float64)
+    cy = (y - K[1, 2]) * z / K[1, 1]
+    cx = (x - K[0, 2] - K[0, 1] * cy / z) * z / K[0, 0]
+    cam = np.stack([cx, cy, z], axis=1)
+    return flat.astype(np.int64), cam @ pose[:3, :3].astype(np.float64).T + pose[:3, 3]
+
+
+def removed_pixel_mask(tree, removed: np.ndarray, depth: np.ndarray, pose: np.ndarray, K: np.ndarray,
+                       max_distance: float) -> np.ndarray:
+    """(H, W) bool: pixels showing a removed surface. Each pixel is back-projected with its depth
+    and takes the status of its nearest point of the whole cloud (`tree`: a scipy cKDTree over
+    every point, `removed` (N,) bool). Pixels farther than max_distance from any point, or
+    without depth, are kept (False)."""
+    h, w = depth.shape
+    mask = np.zeros(h * w, bool)
+    flat, xyz = backproject(depth, pose, K)
+    if flat.size:
+        dist, nearest = tree.query(xyz, k=1, distance_upper_bound=max_distance)
+        hit = np.isfinite(dist)
+        mask[flat[hit]] = removed[nearest[hit]]
+    return mask.reshape(h, w)

@@ -24,7 +24,9 @@ offset              int64 (B,)        cumulative voxel counts per sample (pointc
 inverse             int64 (N,)        point -> row of coord (global over the batch)
 point_offset        int64 (B,)        cumulative point counts per sample
 tags                float32 (B, C)    scene tags (after removal; OR of both scenes under Mix3D)
-view_tags           float32 (B, C)    tags for the 2D branch: as `tags` but from before the
+view_tags           float32 (B, C)    tags for the 2D branch: with augment.removal_2d (default)
+                                      the same as `tags`, the removed structures' pixels being
+                                      out of `view_valid`; without it, the tags from before the
                                       floor/wall/ceiling removal (the views still show them)
 region              int64 (N,)        region ids, unique over the batch, -1 = no region
 images              float32 (B*V, 3, H, W)  ImageNet mean/std normalised RGB
@@ -33,6 +35,8 @@ link_point          int64 (K,)        batch point of each point-pixel link
 link_view           int64 (K,)        batch view (row of images) of each link
 link_pixel          int64 (K,)        flat pixel y * W + x of each link, at H x W
 view_region         int64 (B*V, H, W) pixel region ids, unique over the batch, -1 = none
+view_valid          bool (B*V, H, W)  False on pixels of removed floor/wall/ceiling regions (train
+                                      mode, augment.removal_2d); 2D pooling and 2D RPC skip them
 scene_id            list[str]         one per sample ("a+b" for a Mix3D sample); never a tensor
 label               int64 (N,)        eval mode only: GT class, 255 = ignore
 view_label          int64 (B*V, H, W) eval mode only: GT class per pixel, 255 = ignore
@@ -46,7 +50,7 @@ batch is point i of the teacher batch (same points, same order; each side has it
 scenes of a batch are paired in order, (0, 1), (2, 3), ...: the student sample of a pair is one
 overlaid cloud with points [first..., second...] and views [first..., second...], while the
 teacher batch holds the two scenes as separate consecutive samples; an odd last scene stays
-unmixed. Point indices, view indices, links, `region` and `view_region` are therefore identical
+unmixed. Point indices, view indices, links, `region`, `view_region` and `view_valid` are therefore identical
 on both sides; `offset`, `point_offset`, `view_offset`, `tags`, `view_tags` and `scene_id` follow
 each side's samples. Links exist only between a point and a view of its own scene.
 """
@@ -62,11 +66,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from rayseg.config import Config
 from rayseg.data import shards
 from rayseg.data import transforms as T
-from rayseg.data.linking import link_points
+from rayseg.data.linking import link_points, removed_pixel_mask
 from rayseg.data.scene import NO_REGION, SceneError, validate_scene
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,9 @@ VIEW_COLUMNS = ("view_rgb", "view_depth", "view_pose", "view_intrinsics", "view_
 VIEW_META_COLUMNS = ("view_pose", "view_intrinsics", "view_frame")
 # Non-scene bookkeeping columns row_to_scene uses (schema check, sizes of zero-view scenes).
 ROW_COLUMNS = ("schema_version", "image_height", "image_width")
+# A pixel takes the removed / kept status of its nearest point within this many metres (synthetic
+# scans sample ~10 cm apart; pixels farther from every point stay in the pooling).
+REMOVAL_PIXEL_DISTANCE = 0.2
 # Per-side keys of a sample; the teacher's carry the prefix "teacher_".
 SIDE_KEYS = ("coord", "feat", "count", "inverse", "images")
 
@@ -153,8 +161,14 @@ def make_sample(scene: dict, cfg: Config, rng: np.random.Generator, mode: str,
     # View choice, removal and subsampling happen once, before the teacher/student split.
     if views is None:
         views = T.sample_views(scene, num_views, rng if train else None)
+    removed_world, full_world = None, scene["coord"]
     if augment and region_key:
-        scene = T.remove_structures(scene, region_key, tuple(class_names), rng, aug)
+        keep, tags = T.structures_to_remove(scene, region_key, tuple(class_names), rng, aug)
+        if keep is not None:
+            removed_world = ~keep
+            scene = {**T.select_points(scene, keep), "tags": tags}
+            if aug.removal_2d:
+                view_tags = tags.astype(np.float32)
     n = scene["coord"].shape[0]
     if train and cfg.data.max_points and n > cfg.data.max_points:
         scene = T.select_points(scene, np.sort(rng.choice(n, cfg.data.max_points, replace=False)))
@@ -166,6 +180,11 @@ def make_sample(scene: dict, cfg: Config, rng: np.random.Generator, mode: str,
     rgb = np.zeros((len(views),) + hw + (3,), np.uint8)
     view_region = np.full((len(views),) + hw, NO_REGION, np.int32)
     view_label = np.zeros((len(views),) + hw, np.uint8)
+    # Pixels of removed structures leave the 2D pooling (augment.removal_2d), as their points left 3D.
+    view_valid = np.ones((len(views),) + hw, bool)
+    removed_tree = None
+    if removed_world is not None and aug.removal_2d and len(views):
+        removed_tree = cKDTree(full_world)
     link_point, link_view, link_pixel = [], [], []
     for j, i in enumerate(views):
         src_hw = scene["view_rgb"].shape[1:3]
@@ -176,6 +195,9 @@ def make_sample(scene: dict, cfg: Config, rng: np.random.Generator, mode: str,
         link_point.append(p)
         link_view.append(np.full(p.shape, j, np.int64))
         link_pixel.append(px)
+        if removed_tree is not None:
+            view_valid[j] = ~removed_pixel_mask(removed_tree, removed_world, depth, scene["view_pose"][i], K,
+                                                REMOVAL_PIXEL_DISTANCE)
         if view_region_key:
             view_region[j] = T.resize_nearest(scene[view_region_key][i], hw)
         if mode == "eval" and "view_label" in scene:
@@ -189,6 +211,7 @@ def make_sample(scene: dict, cfg: Config, rng: np.random.Generator, mode: str,
         "view_tags": view_tags,
         "region": region,
         "view_region": view_region,
+        "view_valid": view_valid,
         "link_point": np.concatenate(link_point) if link_point else np.zeros(0, np.int64),
         "link_view": np.concatenate(link_view) if link_view else np.zeros(0, np.int64),
         "link_pixel": np.concatenate(link_pixel) if link_pixel else np.zeros(0, np.int64),
@@ -311,6 +334,7 @@ def _stack_scenes(samples: list[dict]) -> dict:
     out = {
         "region": np.concatenate([_shift_ids(s["region"], o) for s, o in zip(samples, region_off)]),
         "view_region": np.concatenate([_shift_ids(s["view_region"], o) for s, o in zip(samples, view_region_off)]),
+        "view_valid": np.concatenate([s["view_valid"] for s in samples]),
         "link_point": np.concatenate([s["link_point"] + o for s, o in zip(samples, point_start)]).astype(np.int64),
         "link_view": np.concatenate([s["link_view"] + o for s, o in zip(samples, view_start)]).astype(np.int64),
         "link_pixel": np.concatenate([s["link_pixel"] for s in samples]).astype(np.int64),

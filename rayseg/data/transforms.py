@@ -161,9 +161,10 @@ def _largest_region(region: np.ndarray, in_band: np.ndarray, exclude: set[int]) 
     return int(values[np.argmax(counts)])  # ties: the smallest id, deterministically
 
 
-def remove_structures(scene: dict, region_key: str, class_names: tuple[str, ...], rng: np.random.Generator,
-                      aug) -> dict:
-    """Drop the floor / ceiling / wall regions and clear their tags (training only).
+def structures_to_remove(scene: dict, region_key: str, class_names: tuple[str, ...], rng: np.random.Generator,
+                         aug) -> tuple[np.ndarray | None, np.ndarray]:
+    """Choose the floor / ceiling / wall regions to drop (training only): (keep mask (N,) bool, or
+    None when nothing is dropped; the tags with the dropped structures' classes cleared).
 
     Each structure is one event with its own probability (aug.remove_floor_p, remove_ceiling_p,
     remove_wall_p) and only happens when the scene's tag for that class is set (otherwise the
@@ -173,7 +174,6 @@ def remove_structures(scene: dict, region_key: str, class_names: tuple[str, ...]
     - ceiling: the same within the band below the highest z, clearing 'ceiling';
     - walls: one region per side (the bands along min x, max x, min y, max y) and clear 'wall'.
     A region picked by one event is never picked again. Coordinates must be axis-aligned.
-    Returns a new scene dict (points filtered, tags copied); the input is not modified.
     """
     region = scene[region_key]
     coord = scene["coord"]
@@ -202,8 +202,18 @@ def remove_structures(scene: dict, region_key: str, class_names: tuple[str, ...]
             dropped.update(picked)
             tags[cls] = 0
     if not dropped:
+        return None, tags
+    return ~np.isin(region, list(dropped)), tags
+
+
+def remove_structures(scene: dict, region_key: str, class_names: tuple[str, ...], rng: np.random.Generator,
+                      aug) -> dict:
+    """Drop the regions structures_to_remove picks and clear their tags. Returns a new scene
+    dict (points filtered, tags copied); the input is not modified."""
+    keep, tags = structures_to_remove(scene, region_key, class_names, rng, aug)
+    if keep is None:
         return scene
-    out = select_points(scene, ~np.isin(region, list(dropped)))
+    out = select_points(scene, keep)
     out["tags"] = tags
     return out
 

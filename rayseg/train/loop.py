@@ -166,7 +166,8 @@ def two_branch_step(model, teacher, b: dict, cfg: cfgmod.Config, stage: str, sta
         out2 = model.forward_2d(b["images"])
         height, width = b["images"].shape[-2:]
         if "cls_2d" in active:
-            terms["cls_2d"] = L.multilabel_cls_loss_2d(out2["logits"], b["teacher_view_offset"], b["teacher_view_tags"])
+            terms["cls_2d"] = L.multilabel_cls_loss_2d(out2["logits"], b["teacher_view_offset"], b["teacher_view_tags"],
+                                                        b["view_valid"])
         if "con_3d" in active or "con_2d" in active:
             sel, pair_offset = L.sample_link_pairs(b["link_point"], b["link_view"], b["teacher_point_offset"],
                                                    lc.guidance.max_pairs, lc.guidance.min_links_per_view, generator)
@@ -206,6 +207,7 @@ def two_branch_step(model, teacher, b: dict, cfg: cfgmod.Config, stage: str, sta
             row_tags = pixel_tags(b["teacher_view_tags"], b["teacher_view_offset"], hw)
             label, mask = L.rpc_targets(pixel_rows(t2["logits"]), row_tags, b["teacher_view_region"].reshape(-1),
                                         thresholds["2d"].thresholds(), lc.rpc.mode)
+            mask &= b["view_valid"].reshape(-1)  # removed structures: their tags are cleared
             terms["rpc_2d"] = L.rpc_loss(pixel_rows(out2["logits"]), label, mask)
             accepted["2d"] = L.accepted_counts(label, mask, point_logits.shape[1])
 
