@@ -137,6 +137,16 @@ def multilabel_cls_loss(logits: torch.Tensor, offset: torch.Tensor, tags: torch.
     return F.multilabel_soft_margin_loss(pooled[nonempty], tags[nonempty].float())
 
 
+def tag_prior_loss(tags: torch.Tensor) -> float:
+    """Lcls of the best scene-blind predictor: every scene gets the same pooled logits, the
+    log-odds of each class's tag frequency over `tags` (S, C) multi-hot. That is the mean binary
+    entropy of the frequencies (a class tagged everywhere or nowhere costs 0). A cls loss near
+    this value means the network has learned the tag frequencies and little else."""
+    freq = tags.double().mean(dim=0).clamp(1e-12, 1 - 1e-12)
+    entropy = -(freq * freq.log() + (1 - freq) * (1 - freq).log())
+    return float(entropy.mean())
+
+
 def multilabel_cls_loss_2d(logits: torch.Tensor, view_offset: torch.Tensor, tags: torch.Tensor,
                            valid: torch.Tensor | None = None) -> torch.Tensor:
     """Lcls for 2D: the same loss on logits (V, C, H, W) average-pooled over all pixels of all the

@@ -53,6 +53,18 @@ def test_multilabel_cls_loss_hand_example():
     assert with_empty.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_tag_prior_loss_is_the_cls_loss_of_constant_log_odds():
+    tags = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    # frequencies (1, 1/4, 1/4): entropies 0, H(1/4), H(1/4)
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert losses.tag_prior_loss(tags) == pytest.approx(2 * h / 3, rel=1e-9)
+    # the same number as Lcls of every scene pooling to logit(frequency)
+    freq = tags.mean(0).clamp(1e-6, 1 - 1e-6)
+    pooled = torch.log(freq / (1 - freq)).expand(4, 3)
+    loss = losses.multilabel_cls_loss(pooled, torch.tensor([1, 2, 3, 4]), tags)
+    assert loss.item() == pytest.approx(losses.tag_prior_loss(tags), abs=1e-5)
+
+
 def test_multilabel_cls_loss_2d_pools_all_pixels_of_all_views():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 2, 2, 3, generator=gen)  # 3 views: scene 0 has views 0-1, scene 1 view 2

@@ -18,6 +18,7 @@ import ray
 import torch
 
 from rayseg import config as cfgmod
+from rayseg import losses as L
 from rayseg import metrics as M
 from rayseg.data import shards
 from rayseg.data.prepare import prepare_synthetic
@@ -68,8 +69,10 @@ def test_two_stages_pseudo_labels_segment_evaluate(tiny):
     metrics = run.data.metrics
     for key in ("cmg/loss", "cmg/loss/cls_3d", "cmg/loss/con_3d", "cmg/loss/con_2d", "cmg/lr",
                 "cmg_rpc/loss/rpc_3d", "cmg_rpc/loss/rpc_2d", "cmg_rpc/scenes_per_s",
-                "pseudo_3d_miou", "pseudo_2d_miou"):
+                "pseudo_3d_miou", "pseudo_2d_miou", "cls_prior_loss"):
         assert key in metrics, key
+    train_tags = np.stack([shards.read_scene(p, ["tags"])["tags"] for p in shards.scene_paths(cfg.data.root, "train")])
+    assert metrics["cls_prior_loss"] == pytest.approx(L.tag_prior_loss(torch.from_numpy(train_tags)), rel=1e-6)
     # RPC thresholds counted the accepted points of both sides
     assert int(state["thresholds"]["3d"]["counts"].sum()) > 0
     assert int(state["thresholds"]["2d"]["counts"].sum()) > 0

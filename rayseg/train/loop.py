@@ -364,6 +364,19 @@ def build_models(cfg: cfgmod.Config, num_classes: int, stage: str):
     return student, make_teacher(student)
 
 
+def log_tag_prior(cfg: cfgmod.Config, tracker) -> float:
+    """Log and print Lcls of the scene-blind tag-frequency predictor over the train split (tags
+    only): the reference line below which cls_3d / cls_2d show that the networks recognise
+    classes rather than just their frequencies."""
+    paths = pipeline.plan(cfg.data.root, cfg.data.train_split, cfg, "train", 0, cfg.seed).paths
+    tags = np.stack([shards.read_scene(p, ["tags"])["tags"] for p in paths]).astype(np.float32)
+    prior = L.tag_prior_loss(torch.from_numpy(tags))
+    tracker.log_metrics({"cls_prior_loss": prior}, step=0)
+    print(f"[rayseg] Lcls of the tag-frequency predictor on {len(paths)} train scenes: {prior:.4f} "
+          "(cls losses near it: the networks know little beyond how often each class is tagged)", flush=True)
+    return prior
+
+
 def train_func(loop_config: dict) -> None:
     """Ray Train entry point. loop_config: {"config": flat dotted config, "run_dir": str,
     "stages": ["cmg", "cmg_rpc"] or ["seg"], "run_name": str, "parent_run_id": str | None}."""
@@ -421,6 +434,8 @@ def train_func(loop_config: dict) -> None:
                             "rayseg.region_column": cfg.data.region_column,
                             "rayseg.oracle": str(stages != ["seg"] and is_oracle(cfg.data.region_column)).lower()})
     progress.mlflow_run_id = tracker.run_id
+    if rank == 0 and state is None and stages != ["seg"]:
+        log_tag_prior(cfg, tracker)
 
     try:
         while progress.stage_index < len(stages):
