@@ -308,7 +308,9 @@ class RPCConfig:
     eta: float = 0.8
     """Threshold scale: T[c] = eta * Q[c] / max(Q) (adaptive) or eta (fixed)."""
     mode: Literal["region", "point"] = "region"
-    """'region': teacher probabilities mean-pooled within regions; 'point': no pooling."""
+    """'region': teacher probabilities mean-pooled within regions; 'point': no pooling. Also
+    governs the monitor's and `rayseg pseudo-label`'s labels, so a 'point' row of Table 8 is
+    point-wise end to end (METHOD's pseudo-labels always pool: keep 'region' for those)."""
     threshold: Literal["adaptive", "fixed"] = "adaptive"
     """Adaptive (class-count-scaled) or fixed threshold."""
     ema_decay: float = 0.999
