@@ -216,7 +216,8 @@ class PartitionConfig:
     sd_max_angle_deg: float = 20.0
     """Shape detection: max angle between point normal and plane normal, degrees."""
     sd_min_size: int = 50
-    """Shape detection: minimum region size."""
+    """Shape detection: minimum region size, in points (scale it with the point density: 50 suits
+    2 cm scans; smaller regions dissolve into their nearest neighbour region)."""
     sd_seed_spacing: float = 0.5
     """Shape detection: one growth seed per cube of this edge, metres (coplanar seeds merge)."""
     view_stride: int = 2

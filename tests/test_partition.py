@@ -307,3 +307,37 @@ def test_unknown_method_and_gt_through_the_unsupervised_entry_point():
         partition_points("kmeans", coord, color, None, CFG)
     with pytest.raises(PartitionError, match="oracle"):
         partition_points("gt", coord, color, None, CFG)
+
+
+def test_demo_partition_keeps_furniture_out_of_walls_and_floors():
+    """The synthetic configs sample 100 points/m^2, so shape detection's minimum region size must
+    scale down from its 2 cm default (50 points): at 50, a chair seat or a sink is too small to
+    stay a region and dissolves into the wall or floor next to it, so region pooling (RPC and
+    the final pseudo-labels) overwrites it with the wrong class."""
+    from pathlib import Path
+
+    from rayseg import config as cfgmod
+    exp = cfgmod.load(Path(__file__).resolve().parents[1] / "experiments" / "synthetic-demo.toml")
+    names = synthetic.class_names(exp.config.synthetic.profile)
+    flat = [names.index(n) for n in ("wall", "floor", "door", "window", "picture", "curtain",
+                                     "shower curtain")]   # coplanar with a wall or floor
+
+    def furniture_in_own_majority_region(pcfg: PartitionConfig) -> float:
+        own = total = 0
+        for index in range(6):
+            scene = synthetic.generate_scene(exp.config.synthetic, index)
+            region = partition_points("shape_detection", scene["coord"], scene["color"],
+                                      scene["normal"], pcfg)
+            label = scene["label"].astype(np.int64)
+            pred = quality.oracle_prediction(region, label, len(names))
+            furniture = (label != IGNORE_LABEL) & ~np.isin(label, flat)
+            own += int((pred[furniture] == label[furniture]).sum())
+            total += int(furniture.sum())
+        assert total > 1000
+        return own / total
+
+    demo = furniture_in_own_majority_region(exp.config.partition)
+    default = furniture_in_own_majority_region(PartitionConfig())
+    assert exp.config.partition.sd_min_size < PartitionConfig().sd_min_size
+    assert demo >= 0.8, demo
+    assert default < demo - 0.1, (default, demo)
