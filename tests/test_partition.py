@@ -3,9 +3,12 @@ and bad input (pure numpy, no Ray)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from rayseg import config as cfgmod
 from rayseg.config import PartitionConfig, SyntheticConfig
 from rayseg.data import synthetic
 from rayseg.data.linking import link_points
@@ -13,6 +16,7 @@ from rayseg.data.scene import IGNORE_LABEL, NO_REGION
 from rayseg.partition import (METHODS, PartitionError, estimate_normals, geometry, job,
                               partition_points, quality, views)
 
+REPO = Path(__file__).resolve().parents[1]
 CFG = PartitionConfig()
 UNSUPERVISED = list(METHODS)
 
@@ -314,10 +318,7 @@ def test_demo_partition_keeps_furniture_out_of_walls_and_floors():
     scale down from its 2 cm default (50 points): at 50, a chair seat or a sink is too small to
     stay a region and dissolves into the wall or floor next to it, so region pooling (RPC and
     the final pseudo-labels) overwrites it with the wrong class."""
-    from pathlib import Path
-
-    from rayseg import config as cfgmod
-    exp = cfgmod.load(Path(__file__).resolve().parents[1] / "experiments" / "synthetic-demo.toml")
+    exp = cfgmod.load(REPO / "experiments" / "synthetic-demo.toml")
     names = synthetic.class_names(exp.config.synthetic.profile)
     flat = [names.index(n) for n in ("wall", "floor", "door", "window", "picture", "curtain",
                                      "shower curtain")]   # coplanar with a wall or floor
