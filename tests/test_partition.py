@@ -13,8 +13,8 @@ from rayseg.config import PartitionConfig, SyntheticConfig
 from rayseg.data import synthetic
 from rayseg.data.linking import link_points
 from rayseg.data.scene import IGNORE_LABEL, NO_REGION
-from rayseg.partition import (METHODS, PartitionError, estimate_normals, geometry, job,
-                              partition_points, quality, views)
+from rayseg.partition import (METHODS, PartitionError, area_per_point, estimate_normals, geometry,
+                              job, min_size_warning, partition_points, quality, views)
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = PartitionConfig()
@@ -342,3 +342,30 @@ def test_demo_partition_keeps_furniture_out_of_walls_and_floors():
     assert exp.config.partition.sd_min_size < PartitionConfig().sd_min_size
     assert demo >= 0.8, demo
     assert default < demo - 0.1, (default, demo)
+
+
+def test_area_per_point_measures_the_sampling_density():
+    plane = grid(60, 60, 0.02, (0, 0, 0), (1, 0, 0), (0, 1, 0))  # 2500 points/m^2
+    assert geometry.area_per_point(plane) == pytest.approx(0.02 ** 2, rel=0.1)
+    rng = np.random.default_rng(0)
+    uniform = np.c_[rng.uniform(0, 3, 9000), rng.uniform(0, 3, 9000), np.zeros(9000)]  # 1000 / m^2
+    assert geometry.area_per_point(uniform) == pytest.approx(1e-3, rel=0.1)
+    doubled = np.concatenate([plane, plane])  # exact duplicates count once
+    assert area_per_point(doubled, CFG) == pytest.approx(geometry.area_per_point(plane))
+    assert area_per_point(plane[:CFG.knn], CFG) is None
+
+
+def test_min_size_warning_names_the_key_the_density_and_a_value():
+    demo = cfgmod.load(REPO / "experiments" / "synthetic-demo.toml").config
+    per_point = [area_per_point(synthetic.generate_scene(demo.synthetic, i)["coord"], CFG) for i in range(3)]
+    assert all(1 / 150 < p < 1 / 80 for p in per_point), per_point  # the configs' 100 points/m^2
+    warning = min_size_warning("shape_detection", per_point, CFG)
+    assert warning is not None
+    assert "partition.sd_min_size = 50 points covers 0.4" in warning
+    assert "over 0.1 m^2 in 3 of 3 scenes" in warning
+    assert "set partition.sd_min_size = 2" in warning
+    assert "partition.rg_min_size = 50" in min_size_warning("region_growing", per_point, CFG)
+    assert min_size_warning("shape_detection", per_point, demo.partition) is None  # 5 points: 0.04 m^2
+    assert min_size_warning("shape_detection", [0.02 ** 2] * 3, CFG) is None  # a 2 cm scan
+    assert min_size_warning("vccs", per_point, CFG) is None  # no minimum size
+    assert min_size_warning("shape_detection", [], CFG) is None

@@ -57,6 +57,9 @@ def test_partition_dataset_then_rerun_is_a_no_op(tmp_path, local_ray):
     cfg = cfgmod.Config()
     first = job.run_partition(root, ["shape_detection", "gt"], cfg, progress_seconds=1)
     assert first.ok and len(first.written) == 3 and not first.skipped
+    # SYN samples 150 points/m^2, where the default 50-point minimum region covers ~0.3 m^2
+    assert len(first.warnings) == 1 and "partition.sd_min_size = 50 points" in first.warnings[0]
+    assert "WARNING shape_detection: partition.sd_min_size" in first.format()
     for path in shards.scene_paths(root):
         scene = shards.read_scene(path)
         for m in ("shape_detection", "gt"):
@@ -72,15 +75,16 @@ def test_partition_dataset_then_rerun_is_a_no_op(tmp_path, local_ray):
     before = mtimes(root)
 
     second = job.run_partition(root, ["shape_detection", "gt"], cfg)
-    assert second.ok and not second.written and len(second.skipped) == 3
+    assert second.ok and not second.written and len(second.skipped) == 3 and not second.warnings
     assert mtimes(root) == before  # nothing rewritten
 
     # A changed parameter recomputes that method only; pointwise is new, gt stays up to date.
-    changed = cfgmod.replace(cfg, **{"partition.sd_max_distance": 0.02})
+    changed = cfgmod.replace(cfg, **{"partition.sd_max_distance": 0.02, "partition.sd_min_size": 3})
     third = job.run_partition(root, ["shape_detection", "gt", "pointwise"], changed)
-    assert len(third.written) == 3
+    assert len(third.written) == 3 and not third.warnings  # 3 points at 150 / m^2: 0.02 m^2
     sidecar = json.loads((root / job.SIDECAR).read_text())
     assert sidecar["methods"]["shape_detection"]["params"]["sd_max_distance"] == 0.02
+    assert sidecar["methods"]["shape_detection"]["params"]["sd_min_size"] == 3
     for entry in sidecar["scenes"].values():
         assert set(entry) == {"shape_detection", "gt", "pointwise"}
     assert shards.verify(root) == []

@@ -104,6 +104,17 @@ def knn_graph(coord: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx[:, 1:].astype(np.int64, copy=False), dist[:, 1:].astype(np.float32, copy=False)
 
 
+def area_per_point(coord: np.ndarray, k: int = 12, max_queries: int = 20000) -> float:
+    """Median surface area per point of a scanned surface, m^2: pi r_k^2 / k around each point,
+    r_k = distance to its k-th nearest other point (a regular grid of spacing s gives ~1.05 s^2).
+    At most max_queries evenly spaced points are queried (against all points).
+
+    Expects distinct points and N > k."""
+    step = max(1, len(coord) // max_queries)
+    dist, _ = cKDTree(coord).query(coord[::step], k=k + 1)
+    return float(np.median(np.pi * dist[:, -1] ** 2 / k))
+
+
 def sym3_smallest(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(eigenvalues ascending (N, 3), unit eigenvector of the smallest (N, 3)) of symmetric 3x3
     matrices, in closed form (trigonometric solution of the characteristic cubic; the vector is

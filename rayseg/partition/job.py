@@ -32,9 +32,9 @@ import numpy as np
 from rayseg import config as cfgmod
 from rayseg.data import shards
 from rayseg.data.prepare import PrepareSummary
-from rayseg.partition import (ALL_METHODS, GT_METHOD, METHODS, PartitionError, check_method,
-                              geometry, gt, is_oracle, method_params, params_hash,
-                              partition_points, views)
+from rayseg.partition import (ALL_METHODS, GT_METHOD, METHODS, MIN_SIZE_KEYS, PartitionError,
+                              area_per_point, check_method, geometry, gt, is_oracle, method_params,
+                              min_size_warning, params_hash, partition_points, views)
 
 SIDECAR = "partitions.json"
 COLOR_METHODS = ("vccs", "vccs_rg")  # the only methods that read colours
@@ -113,8 +113,10 @@ def partition_file(path: str, methods: list[str], cfg_dict: dict) -> dict:
         values = partition_scene(scene, methods, cfg)
         shards.update_scene(path, values)
         regions = {m: int(values[column_names(m)[0]].max()) + 1 for m in methods}
+        # the density decides what a minimum region size in points means (run_partition warns)
+        per_point = area_per_point(scene["coord"], cfg) if any(m in MIN_SIZE_KEYS for m in methods) else None
         return {"status": "written", "scene_id": sid, "path": path, "methods": methods,
-                "regions": regions, "seconds": time.perf_counter() - start}
+                "regions": regions, "area_per_point": per_point, "seconds": time.perf_counter() - start}
     except Exception as exc:  # noqa: BLE001 - one bad scene must not stop the others
         detail = "" if isinstance(exc, (PartitionError, shards.ShardError, ValueError, OSError)) \
             else "\n" + traceback.format_exc(limit=4)
@@ -131,10 +133,14 @@ class PartitionSummary(PrepareSummary):
     DONE: ClassVar[str] = "done"
 
     methods: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def subject(self) -> str:
         names = ", ".join(f"{m} [{gt.ORACLE_NOTE}]" if is_oracle(m) else m for m in self.methods)
         return f"{self.root}: {names}"
+
+    def format(self) -> str:
+        return "\n".join([super().format()] + [f"  WARNING {w}" for w in self.warnings])
 
 
 def load_sidecar(root: Path) -> dict:
@@ -221,6 +227,7 @@ def run_partition(root: str | Path, methods: list[str], cfg: cfgmod.Config, forc
     remote = ray.remote(partition_file).options(num_cpus=num_cpus_per_task, max_retries=1)
     cfg_dict = cfgmod.to_dict(cfg.partition)
     pending = {remote.remote(str(path), todo, cfg_dict): (path, rel, todo) for path, rel, todo in plan}
+    per_point: list[float] = []  # area per point of each written scene, m^2
     last_print = last_save = time.time()
     try:
         while pending:
@@ -238,6 +245,8 @@ def run_partition(root: str | Path, methods: list[str], cfg: cfgmod.Config, forc
                     print(f"partition: scene {sid} FAILED: {result['error']}", file=sys.stderr, flush=True)
                     continue
                 summary.written.append(sid)
+                if result.get("area_per_point") is not None:
+                    per_point.append(result["area_per_point"])
                 sidecar["scenes"].setdefault(rel, {}).update({m: hashes[m] for m in todo})
             now = time.time()
             if now - last_save >= progress_seconds:
@@ -254,6 +263,9 @@ def run_partition(root: str | Path, methods: list[str], cfg: cfgmod.Config, forc
     finally:
         save_sidecar(root, sidecar)
         shards.write_manifest(root, None)
+    summary.warnings = [w for m in methods if (w := min_size_warning(m, per_point, cfg.partition))]
+    for warning in summary.warnings:
+        print(f"partition: WARNING: {warning}", file=sys.stderr, flush=True)
     summary.seconds = time.time() - start
     return summary
 
