@@ -318,15 +318,9 @@ class RPCConfig:
     """EMA teacher decay (weights and BN buffers)."""
     warmup_steps: int = 2400
     """Linear warm-up of beta over this many steps."""
-    class_balance: float = 0.0
-    """Beyond the paper, off by default (0). A weak teacher's pseudo-labels favour frequent
-    classes, and RPC then trains the rare ones away. With p > 0 each accepted row's
-    cross-entropy is weighted by min((max(Q) / Q[c]) ** p, 10), where Q counts the pseudo-labels
-    accepted so far (the adaptive threshold's counts; no ground truth involved)."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.eta <= 1.0, "eta", "must be in [0, 1]")
-        _check(self.class_balance >= 0, "class_balance", "must be >= 0 (0 = off, as in the paper)")
         _check(self.beta >= 0, "beta", "must be >= 0")
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")

@@ -43,7 +43,6 @@ from rayseg.config import LossConfig
 ABSENT_LOGIT = -1e6
 
 STAGES = ("cmg", "cmg_rpc", "seg")
-MAX_CLASS_WEIGHT = 10.0  # cap of the opt-in RPC class weights (a class accepted once is not worth 10^5)
 TERMS = ("cls_3d", "cls_2d", "con_3d", "con_2d", "rpc_3d", "rpc_2d")
 
 
@@ -243,16 +242,6 @@ class ThresholdState:
             return torch.zeros(self.num_classes, dtype=torch.float32)
         return (self.eta * self.counts.double() / top).float()
 
-    def class_weights(self, power: float) -> torch.Tensor:
-        """RPC class weights (C,) float32 on the CPU (config loss.rpc.class_balance):
-        min((max(Q) / Q[c]) ** power, MAX_CLASS_WEIGHT), Q[c] counted as at least 1; all ones
-        while nothing is counted or with power 0."""
-        top = int(self.counts.max())
-        if power == 0 or top == 0:
-            return torch.ones(self.num_classes, dtype=torch.float32)
-        ratio = top / self.counts.clamp(min=1).double()
-        return ratio.pow(power).clamp(max=MAX_CLASS_WEIGHT).float()
-
     def update(self, accepted_counts: torch.Tensor) -> None:
         """Q += accepted_counts (C,), which must already be summed over all DDP ranks
         (see rayseg.metrics.all_reduce_sum) so that every rank keeps the same Q."""
@@ -308,18 +297,13 @@ def accepted_counts(label: torch.Tensor, mask: torch.Tensor, num_classes: int) -
     return torch.bincount(label[mask], minlength=num_classes).long()
 
 
-def rpc_loss(student_logits: torch.Tensor, label: torch.Tensor, mask: torch.Tensor,
-             class_weight: torch.Tensor | None = None) -> torch.Tensor:
+def rpc_loss(student_logits: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Eq. 8: cross-entropy of the student's logits (N, C) against the pseudo-labels, times the
-    mask, averaged over ALL N rows (masked-out rows count in the denominator). With class_weight
-    (C,) each row is also weighted by its label's weight (ThresholdState.class_weights)."""
+    mask, averaged over ALL N rows (masked-out rows count in the denominator)."""
     if student_logits.shape[0] == 0:
         return student_logits.sum() * 0.0
     ce = F.cross_entropy(student_logits.float(), label, reduction="none")
-    weight = mask.to(ce.dtype)
-    if class_weight is not None:
-        weight = weight * class_weight.to(ce.device, ce.dtype)[label]
-    return (ce * weight).sum() / student_logits.shape[0]
+    return (ce * mask.to(ce.dtype)).sum() / student_logits.shape[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rayseg import losses
-from rayseg.config import ConfigError, GuidanceConfig, LossConfig, RPCConfig
+from rayseg.config import LossConfig, GuidanceConfig, RPCConfig
 
 
 def softplus(x: float) -> float:
@@ -198,22 +198,6 @@ def test_rpc_loss_averages_over_all_points():
     loss.backward()
     assert logits.grad[1].abs().sum() == 0 and logits.grad[3].abs().sum() == 0  # masked rows: no gradient
     assert logits.grad[0].abs().sum() > 0
-
-    # opt-in class balance: each accepted row also weighted by its label's class weight
-    weighted = losses.rpc_loss(logits, label, mask, torch.tensor([1.0, 3.0]))
-    assert weighted.item() == pytest.approx((ce([2.0, 0.0], 0) + 3 * ce([1.0, 1.0], 1)) / 4, rel=1e-6)
-
-
-def test_rpc_class_weights_from_accepted_counts():
-    state = losses.ThresholdState(num_classes=4, eta=0.8, adaptive=True)
-    assert state.class_weights(0.5).tolist() == [1.0, 1.0, 1.0, 1.0]  # nothing counted yet
-    state.update(torch.tensor([400, 100, 1, 0]))
-    # (max Q / Q[c]) ** p, Q counted as at least 1, capped at MAX_CLASS_WEIGHT
-    assert state.class_weights(0.5).tolist() == pytest.approx([1.0, 2.0, 10.0, 10.0])
-    assert state.class_weights(0.25).tolist() == pytest.approx([1.0, 2 ** 0.5, 400 ** 0.25, 400 ** 0.25])
-    assert state.class_weights(0.0).tolist() == [1.0, 1.0, 1.0, 1.0]
-    with pytest.raises(ConfigError, match="class_balance"):
-        RPCConfig(class_balance=-1.0)
 
 
 def test_rpc_teacher_gets_no_gradient():

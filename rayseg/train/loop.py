@@ -192,15 +192,13 @@ def two_branch_step(model, teacher, b: dict, cfg: cfgmod.Config, stage: str, sta
                                                   target_logits=other_logit, pair_tags=pair_tags)
 
     if "rpc_3d" in active or "rpc_2d" in active:
-        class_weights = {side: ts.class_weights(lc.rpc.class_balance) for side, ts in thresholds.items()
-                         if lc.rpc.class_balance > 0}
         with torch.no_grad():
             t3 = teacher.forward_3d(b["teacher_coord"], b["teacher_feat"])
         if "rpc_3d" in active:
             row_tags = L.gather_tags(b["teacher_tags"], b["teacher_point_offset"])
             label, mask = L.rpc_targets(t3["logits"][b["teacher_inverse"]], row_tags, b["teacher_region"],
                                         thresholds["3d"].thresholds(), lc.rpc.mode)
-            terms["rpc_3d"] = L.rpc_loss(point_logits, label, mask, class_weights.get("3d"))
+            terms["rpc_3d"] = L.rpc_loss(point_logits, label, mask)
             accepted["3d"] = L.accepted_counts(label, mask, point_logits.shape[1])
         if "rpc_2d" in active:
             with torch.no_grad():
@@ -210,7 +208,7 @@ def two_branch_step(model, teacher, b: dict, cfg: cfgmod.Config, stage: str, sta
             label, mask = L.rpc_targets(pixel_rows(t2["logits"]), row_tags, b["teacher_view_region"].reshape(-1),
                                         thresholds["2d"].thresholds(), lc.rpc.mode)
             mask &= b["view_valid"].reshape(-1)  # removed structures: their tags are cleared
-            terms["rpc_2d"] = L.rpc_loss(pixel_rows(out2["logits"]), label, mask, class_weights.get("2d"))
+            terms["rpc_2d"] = L.rpc_loss(pixel_rows(out2["logits"]), label, mask)
             accepted["2d"] = L.accepted_counts(label, mask, point_logits.shape[1])
 
     loss, log = L.total_loss(terms, lc, stage, stage_step, has_2d)
