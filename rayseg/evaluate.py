@@ -15,6 +15,7 @@ import torch
 
 from rayseg import config as cfgmod
 from rayseg import metrics as M
+from rayseg.train.checkpoint import load_state
 
 
 def load_checkpoint(run_dir: Path) -> dict:
@@ -23,7 +24,7 @@ def load_checkpoint(run_dir: Path) -> dict:
     path = latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint found under checkpoints/")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_state(path, map_location="cpu")
 
 
 @torch.no_grad()

@@ -73,10 +73,11 @@ class TeacherLabeler:
         import torch
 
         from rayseg.models.twobranch import TwoBranchModel
+        from rayseg.train.checkpoint import load_state
 
         self.cfg = cfgmod.build(flat_config)
         self.device = torch.device("cuda" if self.cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
-        state = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        state = load_state(checkpoint, self.device)
         self.model = TwoBranchModel(self.cfg.model, num_classes)
         self.model.load_state_dict(state["teacher"])
         self.model.to(self.device).eval()

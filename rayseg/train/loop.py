@@ -40,8 +40,7 @@ from rayseg.data import pipeline, shards
 from rayseg.data.scene import IGNORE_LABEL
 from rayseg.partition import is_oracle
 from rayseg.teacher import ema_update, make_teacher
-
-CHECKPOINT_FILE = "state.pt"
+from rayseg.train.checkpoint import CHECKPOINT_FILE, UnsafeCheckpointError, load_state, ray_checkpoint_file
 STAGES = ("cmg", "cmg_rpc", "seg")
 PROGRESS_SECONDS = 30.0  # a progress line at most this often (rank 0)
 
@@ -311,7 +310,9 @@ def resume_state(ray_file: Path | None, run_dir: Path, device: torch.device | st
     disk filled mid-copy) is skipped with a warning, not fatal: the next candidate is used."""
     def load(path: Path) -> dict | None:
         try:
-            return torch.load(path, map_location=device, weights_only=False)
+            return load_state(path, map_location=device)
+        except UnsafeCheckpointError:
+            raise  # a planted file is refused, not skipped: someone wrote into the run directory
         except Exception as exc:  # noqa: BLE001 - torch raises several types for a bad file
             print(f"[rayseg] WARNING: checkpoint {path} does not load ({type(exc).__name__}: {exc}); "
                   "trying an older one", flush=True)
@@ -409,9 +410,8 @@ def train_func(loop_config: dict) -> None:
     progress = Progress()
 
     # Resume: Ray Train's checkpoint (worker restart) or the run directory's (driver restart).
-    ckpt = ray.train.get_checkpoint()
-    ckpt_file, state = resume_state(Path(ckpt.to_directory()) / CHECKPOINT_FILE if ckpt is not None else None,
-                                    run_dir, device)
+    with ray_checkpoint_file(ray.train.get_checkpoint()) as ray_file:
+        ckpt_file, state = resume_state(ray_file, run_dir, device)
     if state is not None:
         student.load_state_dict(state["student"])
         if teacher is not None:

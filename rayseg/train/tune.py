@@ -440,9 +440,9 @@ def run_trial(config: dict, sweep: dict) -> None:
 
 
 def _load_state(path: Path | None) -> dict:
-    import torch
+    from rayseg.train.checkpoint import load_state
 
-    return torch.load(path, map_location="cpu", weights_only=False) if path else {}
+    return load_state(path, map_location="cpu") if path else {}
 
 
 def finish_trial(cfg: cfgmod.Config, trial_dir: Path, child_run: str, step: int) -> dict[str, float]:

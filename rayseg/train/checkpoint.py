@@ -1,0 +1,87 @@
+"""Loading rayseg checkpoints (``state.pt``) without running code from them, and handing Ray
+Train's checkpoint to a restarted worker without a shared temporary copy.
+
+A checkpoint holds tensors and plain Python values only (model / optimizer / generator states,
+the flat config, progress, class names). ``torch.load(weights_only=True)`` unpickles exactly that
+and refuses any other object, so a planted ``state.pt`` whose pickle would import and call
+something (``os.system``, ``eval``...) is refused before anything runs. Every site that loads a
+checkpoint (resume, evaluation, pseudo-labels, Tune trials) goes through :func:`load_state`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+CHECKPOINT_FILE = "state.pt"
+
+
+class UnsafeCheckpointError(ValueError):
+    """The file holds objects a rayseg checkpoint never holds (it would run code to load)."""
+
+
+def load_state(path: str | Path, map_location="cpu") -> dict:
+    """The checkpoint dict at ``path``, loaded with ``weights_only=True``.
+
+    Raises UnsafeCheckpointError naming the file when its pickle asks for anything beyond
+    tensors and plain containers (never the case for a checkpoint rayseg wrote), ValueError when
+    it loads but is not a dict, and torch's own errors for a missing or truncated file (callers
+    that can fall back to an older checkpoint catch those)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch names a forbidden import as "Unsupported GLOBAL module.name"; a file that is not
+        # a pickle at all (garbage, another format) fails on an opcode instead and stays a plain
+        # load error, like a truncated one.
+        refused = _forbidden_global(exc)
+        if refused:
+            raise UnsafeCheckpointError(
+                f"{path}: refused to load: its pickle imports {refused}, which a rayseg checkpoint "
+                "never holds (loading it could run code). Only tensors and plain Python values "
+                "are accepted; delete the file or replace it with one rayseg wrote.") from None
+        raise
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a rayseg checkpoint (holds a {type(state).__name__}, expected a dict)")
+    return state
+
+
+def _forbidden_global(exc: Exception) -> str:
+    """The global torch's safe unpickler refused, e.g. 'posix.system' ('' when none is named)."""
+    for line in str(exc).splitlines():
+        if "unsupported global" in line.lower():
+            words = line.split()
+            i = [w.lower() for w in words].index("global")
+            return words[i + 1] if i + 1 < len(words) else line.strip()
+    return ""
+
+
+@contextlib.contextmanager
+def ray_checkpoint_file(ckpt) -> Iterator[Path | None]:
+    """The ``state.pt`` of a Ray Train checkpoint (or None without one), for this process only.
+
+    Ray's ``Checkpoint.to_directory()`` without a path copies into one temporary folder per
+    checkpoint, shared by every process on the node and never removed: two restarted ranks then
+    copy into the same folder while the other reads it ("does not load"), and every restart leaves
+    a full copy in the system temp dir. Here a checkpoint on a local filesystem is read where it
+    is (no copy); one elsewhere (S3...) is copied into a private temporary folder that is removed
+    when the block ends."""
+    if ckpt is None:
+        yield None
+        return
+    import pyarrow.fs
+
+    if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(ckpt.path) / CHECKPOINT_FILE
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="rayseg-resume-"))
+    try:
+        ckpt.to_directory(str(tmp))
+        yield tmp / CHECKPOINT_FILE
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
