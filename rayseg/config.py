@@ -418,9 +418,20 @@ class TrackingConfig:
     """Newest epoch checkpoints kept per run (and by Ray Train); older ones are deleted once a
     newer one is complete. Each holds student, teacher and optimizer state (~340 MB with the
     demo's networks, GBs with ResNet-50), so keeping every epoch fills disks. 0 = keep all."""
+    system_metrics: bool = True
+    """Log CPU / memory / disk / network (GPU where pynvml finds one) of rank 0 into each stage
+    run (MLflow's "System metrics" tab)."""
+    system_metrics_interval: float = 10.0
+    """Seconds between system-metric samples."""
+    log_models: bool = True
+    """Log the EMA teacher (end of `rayseg train`) and the segmenter (end of `rayseg segment`) as
+    MLflow models (`mlflow.pytorch.load_model`, `rayseg predict`)."""
+    register_models: bool = False
+    """Also register them in the model registry as '<name>-teacher' / '<name>-segmenter'."""
 
     def __post_init__(self) -> None:
         _check(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0 = keep all)")
+        _check(self.system_metrics_interval > 0, "system_metrics_interval", "must be > 0 seconds")
 
 
 TUNE_EPOCH_METRICS = ("pseudo_miou_3d", "pseudo_miou_2d")

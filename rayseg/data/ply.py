@@ -192,9 +192,10 @@ def read_ply(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
 
 
 def write_ply(path: str | Path, vertex: dict[str, np.ndarray], faces: np.ndarray | None = None,
-              binary: bool = True) -> Path:
+              binary: bool = True, comments: list[str] | tuple[str, ...] = ()) -> Path:
     """Write vertices (ordered dict of equal-length 1-D arrays; dtypes kept) and optional (M, k)
-    faces as ``list uchar int vertex_indices``. Atomic: temp file in the same dir + os.replace."""
+    faces as ``list uchar int vertex_indices``; `comments` become header comment lines (one line
+    each). Atomic: temp file in the same dir + os.replace."""
     path = Path(path)
     names = list(vertex)
     n = len(vertex[names[0]]) if names else 0
@@ -202,7 +203,9 @@ def write_ply(path: str | Path, vertex: dict[str, np.ndarray], faces: np.ndarray
         if vertex[name].shape != (n,):
             raise ValueError(f"{path}: vertex property '{name}' has shape {vertex[name].shape}, expected ({n},)")
     lines = ["ply", "format " + ("binary_little_endian" if binary else "ascii") + " 1.0",
-             "comment written by rayseg", f"element vertex {n}"]
+             "comment written by rayseg"]
+    lines += ["comment " + " ".join(str(c).split()) for c in comments]
+    lines.append(f"element vertex {n}")
     for name in names:
         lines.append(f"property {_NAMES[np.dtype(vertex[name].dtype).str[1:]]} {name}")
     if faces is not None:
