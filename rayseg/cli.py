@@ -63,6 +63,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from rayseg.data import inspect
+
+    return inspect.run_doctor(args.paths)
+
+
 def _wh(text: str) -> tuple[int, int]:
     from rayseg.data.scannet import parse_image_size
 
@@ -118,13 +124,23 @@ def cmd_check_links(args: argparse.Namespace) -> int:
     return 0 if report["aligned"] else 1
 
 
+def _preflight(root: str) -> None:
+    """Missing, truncated or foreign shards named now, before Ray reads them (Ray's Parquet reader
+    would fail naming no file)."""
+    from rayseg.data import shards
+
+    shards.scene_paths(root)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from rayseg.train import launch
 
+    cfg = launch.load_run(args.resume) if args.resume else _load(args).config
+    _preflight(cfg.data.root)
     if args.resume:
-        run_dir = launch.train(launch.load_run(args.resume), resume=args.resume)
+        run_dir = launch.train(cfg, resume=args.resume)
     else:
-        run_dir = launch.train(_load(args).config)
+        run_dir = launch.train(cfg)
     print(f"run directory: {run_dir}")
     return 0
 
@@ -135,7 +151,7 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
     from rayseg.pseudo import evaluate_pseudo_labels, make_pseudo_labels
     from rayseg.train.launch import load_run
 
-    summary = make_pseudo_labels(args.run, args.out, args.split)
+    summary = make_pseudo_labels(args.run, args.out, args.split, overwrite=args.overwrite)
     cfg = load_run(args.run)
     names = tuple(shards.load_manifest(cfg.data.root)["class_names"])
     if not args.no_eval:
@@ -147,19 +163,29 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from rayseg.train import launch
 
+    from rayseg.pseudo import check_folder
+
     if args.resume:
+        cfg = launch.load_run(args.resume)
+        _preflight(cfg.data.root)
+        check_folder(cfg.data.pseudo_labels, cfg.data.root, cfg.data.train_split)
         run_dir = launch.segment(None, None, resume=args.resume)
     else:
         if not args.pseudo_labels:
             raise cfgmod.ConfigError("segment: --pseudo-labels DIR is required (or --resume RUN_DIR)")
-        run_dir = launch.segment(_load(args).config, args.pseudo_labels)
+        cfg = _load(args).config
+        _preflight(cfg.data.root)
+        check_folder(args.pseudo_labels, cfg.data.root, cfg.data.train_split)  # complete, one source
+        run_dir = launch.segment(cfg, args.pseudo_labels)
     print(f"run directory: {run_dir}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from rayseg.evaluate import evaluate_run
+    from rayseg.train.launch import load_run
 
+    _preflight(load_run(args.run).data.root)
     print(evaluate_run(args.run, args.split, log=not args.no_log)["tables"])
     return 0
 
@@ -209,6 +235,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     cfg = _load(args).config
     split = args.split or (cfg.data.val_split if args.mode == "eval" else cfg.data.train_split)
     try:
+        shards.scene_paths(cfg.data.root, split)  # missing / truncated shards named before Ray reads them
         pipeline.plan(cfg.data.root, split, cfg, args.mode, args.epoch)  # named errors before Ray starts
         if args.ray:
             import os
@@ -234,7 +261,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return 2
     result = tune.run_sweep(sweep)
     print(f"sweep directory: {result['sweep_dir']}")
-    return 1 if result["errors"] else 0
+    return 1 if result["errors"] or result.get("unfinished") else 0  # interrupted = not a success
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -318,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-read every file: checksums, Parquet, schema, scene contract")
     p.add_argument("--all", action="store_true", help="list every scene (default: the first 20)")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("doctor", help="check datasets, partitions, pseudo-labels, runs and sweeps against "
+                                      "their manifests and records, in one pass")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="a dataset, pseudo-label folder, run or sweep directory (a run also checks its "
+                        "dataset and pseudo-labels)")
+    p.set_defaults(func=cmd_doctor)
 
     # prepare scannet / prepare s3dis / check-links (rayseg.data.scannet, .s3dis, .checklinks)
     ps = prepare_sub.add_parser("scannet", help="ScanNet v2 scans (+ .sens or exported frames)")
@@ -371,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="pseudo-label output folder")
     p.add_argument("--split", default=None, help="split to label (default data.train_split)")
     p.add_argument("--no-eval", action="store_true", help="skip the mIoU-vs-GT report")
+    p.add_argument("--overwrite", action="store_true",
+                   help="relabel a folder that holds labels of another checkpoint or settings (default: refused)")
     p.set_defaults(func=cmd_pseudo_label)
     p = sub.add_parser("segment", help="stage seg: a fresh MinkUNet trained on pseudo-labels")
     _add_config_args(p, required=False)
@@ -474,10 +509,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _data_error_types() -> tuple[type, ...]:
+    from rayseg.data.pipeline import PipelineError
+    from rayseg.data.scene import SceneError
+    from rayseg.data.shards import ShardError
+    from rayseg.partition import PartitionError
+    from rayseg.pseudo import PseudoLabelError
+
+    return (FileNotFoundError, NotADirectoryError, ShardError, SceneError, PipelineError, PartitionError,
+            PseudoLabelError)
+
+
+def _data_error(exc: BaseException) -> BaseException | None:
+    """The data error (a missing, truncated, foreign or stale file, folder or manifest) behind
+    ``exc``, also when Ray wrapped it (a task's ``cause``, a Ray Train worker's failure), else None.
+    Only explicit causes are followed, never an exception that was merely being handled."""
+    kinds = _data_error_types()
+    stack, seen = [exc], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps the original here
+        if isinstance(cause, kinds):
+            return cause
+        if isinstance(e, kinds):
+            return e
+        stack += [e.__cause__, cause if isinstance(cause, BaseException) else None]
+        failures = getattr(e, "worker_failures", None)  # Ray Train V2's TrainingFailedError
+        if isinstance(failures, dict):
+            stack += [f for f in failures.values() if isinstance(f, BaseException)]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except cfgmod.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - data errors become one line; the rest re-raised
+        data = _data_error(exc)
+        if data is None or os.environ.get("RAYSEG_TRACEBACK"):
+            raise
+        text = str(data.args[0]) if data.args and isinstance(data.args[0], str) else str(data)
+        print(f"rayseg {args.command}: {text}", file=sys.stderr)
+        print("  (set RAYSEG_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 2

@@ -1,11 +1,13 @@
-"""`rayseg inspect DIR`: what a prepared dataset holds, and (with --verify) whether it is sound."""
+"""`rayseg inspect DIR`: what a prepared dataset holds, and (with --verify) whether it is sound;
+`rayseg doctor PATH...`: datasets, their partitions, pseudo-label folders, runs and sweeps checked
+against their manifests and records in one pass."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from rayseg.data import shards
 from rayseg.data.scene import IGNORE_LABEL
@@ -22,7 +24,7 @@ def class_histogram(root: str | Path, manifest: dict) -> tuple[np.ndarray, int, 
     ignored = 0
     for entry in manifest["scenes"]:
         path = Path(root) / entry["path"]
-        wanted = [c for c in ("label", "tags") if c in pq.read_schema(path).names]
+        wanted = [c for c in ("label", "tags") if c in shards.shard_columns(path)]  # errors name the file
         row = shards._table_row(shards._read_table(path, wanted))
         if "label" in row:
             label = shards._npy_array(row["label"], f"{entry['path']}: label")
@@ -81,18 +83,142 @@ def format_summary(root: str | Path, max_scenes: int = 20) -> str:
     return "\n".join(lines)
 
 
+def verify_dataset(root: str | Path, progress_seconds: float = 0.0) -> list[str]:
+    """Every problem of a prepared dataset and of its partitions (rayseg.partition.job)."""
+    problems = shards.verify(root, progress_seconds=progress_seconds)
+    if (Path(root) / shards.MANIFEST_NAME).is_file():
+        from rayseg.partition.job import verify_partitions
+
+        try:
+            problems += verify_partitions(root)
+        except (FileNotFoundError, shards.ShardError):
+            pass  # the manifest itself is broken: shards.verify has said so
+    return problems
+
+
 def run_inspect(root: str | Path, verify: bool = False, max_scenes: int = 20) -> int:
-    """Print the summary; with ``verify`` also check every file. Returns the exit status."""
+    """Print the summary; with ``verify`` also check every file (and the partitions). Returns
+    the exit status. Without ``verify``, missing or truncated shards still stop it with an error
+    naming the file (one stat per file), never a half summary."""
     root = Path(root)
     if verify:
-        problems = shards.verify(root, progress_seconds=10.0)
+        problems = verify_dataset(root, progress_seconds=10.0)
         if problems:
             # The dataset may be too broken to summarise: report problems first, by file name.
             print(f"verify: {len(problems)} problem(s) in {root}:")
             for p in problems:
                 print(f"  {p}")
             return 1
+    else:
+        manifest = shards.load_manifest(root)
+        shards.check_listed_files(root, manifest["scenes"], manifest)
     print(format_summary(root, max_scenes))
     if verify:
-        print("\nverify: OK, every file matches the manifest and reads back valid")
+        n = shards.load_manifest(root)["num_scenes"]
+        print(f"\nverify: OK, {n} scenes: every file matches the manifest and reads back valid"
+              + ("; partitions match partitions.json" if (root / "partitions.json").is_file() else ""))
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# rayseg doctor
+# --------------------------------------------------------------------------------------------
+
+
+def _kind(path: Path) -> str:
+    if (path / shards.MANIFEST_NAME).is_file():
+        return "dataset"
+    if (path / "pseudo.json").is_file():
+        return "pseudo-labels"
+    if (path / "sweep.json").is_file():
+        return "sweep"
+    if (path / "config.toml").is_file():
+        return "run"
+    return "unknown"
+
+
+def _check_run(path: Path, checked: set) -> list[tuple[str, Path, list[str], list[str]]]:
+    """A run directory: its dataset, its own pseudo_labels/ and (stage seg) the folder it trained on."""
+    from rayseg.train.launch import load_run
+    from rayseg.train.loop import checkpoints
+
+    cfg = load_run(path)
+    ckpts = checkpoints(path)
+    notes = [f"{len(ckpts)} checkpoint(s), newest {ckpts[-1].parent.name}" if ckpts else "no checkpoint yet"]
+    out = [("run", path, [], notes)]
+    targets = [Path(cfg.data.root)]
+    if (path / "pseudo_labels").is_dir():
+        targets.append(path / "pseudo_labels")
+    if cfg.data.pseudo_labels:
+        targets.append(Path(cfg.data.pseudo_labels))
+    for target in targets:
+        out += _check(target, checked)
+    return out
+
+
+def _check_sweep(path: Path) -> tuple[str, Path, list[str], list[str]]:
+    from rayseg.train import tune
+
+    sweep = json.loads((path / tune.SWEEP_FILE).read_text())
+    points = sweep.get("points", [])
+    done = [i for i, p in enumerate(points)
+            if (path / tune.TRIALS_DIR / tune.trial_dir_name(i, p) / tune.RESULT_FILE).is_file()]
+    problems = []
+    if len(done) < len(points):
+        todo = [tune.trial_dir_name(i, p) for i, p in enumerate(points) if i not in done]
+        problems.append(f"{len(points) - len(done)} of {len(points)} trials unfinished ({', '.join(todo[:4])}"
+                        f"{' ...' if len(todo) > 4 else ''}): `rayseg tune {sweep.get('file', 'FILE')} --resume "
+                        f"--name {sweep.get('name')}`")
+    return ("sweep", path, problems, [f"{len(done)} of {len(points)} trials complete"])
+
+
+def _check(path: Path, checked: set) -> list[tuple[str, Path, list[str], list[str]]]:
+    from rayseg.pseudo import verify_pseudo_labels
+
+    path = Path(path).resolve()
+    if path in checked:
+        return []
+    checked.add(path)
+    if not path.exists():
+        return [("path", path, [f"{path} does not exist"], [])]
+    kind = _kind(path)
+    if kind == "dataset":
+        notes = []
+        if not (path / "partitions.json").is_file():
+            regions = sorted({m for e in shards.load_manifest(path)["scenes"] for m in e.get("regions", [])})
+            if regions:
+                notes.append(f"regions {regions} have no partitions.json: made outside `rayseg partition`, "
+                             "parameters unknown")
+        return [("dataset", path, verify_dataset(path), notes)]
+    if kind == "pseudo-labels":
+        try:
+            problems, notes = verify_pseudo_labels(path)
+        except (FileNotFoundError, shards.ShardError) as exc:
+            problems, notes = [f"its dataset: {exc}"], []
+        return [("pseudo-labels", path, problems, notes)]
+    if kind == "sweep":
+        return [_check_sweep(path)]
+    if kind == "run":
+        return _check_run(path, checked)
+    return [("path", path, [f"{path}: not a dataset (manifest.json), pseudo-label folder (pseudo.json), "
+                            "run (config.toml) or sweep (sweep.json)"], [])]
+
+
+def run_doctor(paths: list[str | Path]) -> int:
+    """Check each path (a dataset, a pseudo-label folder, a run or a sweep directory) and what
+    it refers to (a run's dataset and pseudo-labels), print one section per thing checked.
+    Returns 0 when nothing is wrong, 1 otherwise."""
+    checked: set = set()
+    results = []
+    for path in paths:
+        results += _check(Path(path), checked)
+    bad = 0
+    for kind, path, problems, notes in results:
+        print(f"{kind} {path}: " + (f"{len(problems)} problem(s)" if problems else "OK"))
+        for p in problems:
+            print(f"  PROBLEM {p}")
+        for n in notes:
+            print(f"  note    {n}")
+        bad += bool(problems)
+    print(f"doctor: {len(results)} checked, {bad} with problems")
+    return 1 if bad else 0

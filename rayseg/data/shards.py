@@ -467,18 +467,41 @@ def _file_entry(root: Path, path: Path, cached: dict | None) -> dict:
     """Manifest entry of one shard; the sha256 is reused when size and mtime are unchanged."""
     stat = path.stat()
     rel = path.relative_to(root).as_posix()
-    if cached and cached.get("bytes") == stat.st_size and cached.get("mtime_ns") == stat.st_mtime_ns:
+    if (cached and cached.get("bytes") == stat.st_size and cached.get("mtime_ns") == stat.st_mtime_ns
+            and "num_tags" in cached):
         return cached
-    table = _read_table(path, [c for c in ("scene_id", "split", "num_points", "num_views")
-                               if c in shard_columns(path)])
-    row = _table_row(table)
     columns = shard_columns(path)
+    table = _read_table(path, [c for c in ("scene_id", "split", "schema_version", "num_points", "num_views",
+                                           "tags") if c in columns])
+    row = _table_row(table)
+    tags = _npy_array(row["tags"], f"shard {path}: tags") if "tags" in row else None
     return {
         "path": rel, "scene_id": row.get("scene_id", path.stem), "split": row.get("split", path.parent.name),
         "num_points": row.get("num_points"), "num_views": row.get("num_views"),
+        "num_tags": None if tags is None else int(tags.shape[0]),
+        "schema_version": row.get("schema_version"),
         "regions": sorted(c[len("region_"):] for c in columns if c.startswith("region_")),
         "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path),
+        "missing_columns": [c for c in REQUIRED_COLUMNS if c not in columns],
     }
+
+
+def _foreign_reason(entry: dict, profile: str) -> str:
+    """Why a shard's manifest entry does not belong in a ``profile`` dataset ('' = it does): another
+    class set, another schema, required columns missing, or a path that names another scene."""
+    num_classes = len(PROFILES.get(profile, ())) or None
+    if entry.get("missing_columns"):
+        return f"not a rayseg scene shard (lacks column(s) {entry['missing_columns']})"
+    if entry.get("schema_version") != SCHEMA_VERSION:
+        return f"shard schema version {entry.get('schema_version')}, this dataset is version {SCHEMA_VERSION}"
+    if num_classes is not None and entry.get("num_tags") != num_classes:
+        return (f"{entry.get('num_tags')} class tags, but this is a {profile} dataset ({num_classes} classes): "
+                "a scene of another class set")
+    stem, split = Path(entry["path"]).stem, Path(entry["path"]).parent.name
+    if entry.get("scene_id") != stem or entry.get("split") != split:
+        return (f"holds scene {entry.get('scene_id')!r} of split {entry.get('split')!r}, but its path says "
+                f"{stem!r} of {split!r}")
+    return ""
 
 
 def _disk_shards(root: Path) -> list[Path]:
@@ -517,6 +540,15 @@ def write_manifest(root: str | Path, profile: str | None, metadata: dict | None 
         cache = {e["path"]: e for e in old.get("scenes", [])}
         entries = [_file_entry(root, p, cache.get(p.relative_to(root).as_posix()))
                    for p in _disk_shards(root)]
+        # A shard of another dataset dropped into the folder must not join it silently: training
+        # would fail much later on mismatched shapes, naming no file.
+        foreign = [f"{e['path']}: {why}" for e in entries if (why := _foreign_reason(e, profile))]
+        if foreign:
+            raise ShardError(f"{root}: refusing to list {len(foreign)} foreign file(s) in the manifest "
+                             "(move them out of the dataset folder, or prepare them into their own):\n  "
+                             + "\n  ".join(foreign))
+        for e in entries:
+            e.pop("missing_columns", None)
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -549,16 +581,43 @@ def refresh_manifest_entry(root: str | Path, path: str | Path) -> dict:
             raise ShardError(f"{path} is not a shard of the dataset {root}")
         rel = path.resolve().relative_to(root.resolve()).as_posix()
         entry = _file_entry(root.resolve(), path.resolve(), None)
+        if why := _foreign_reason(entry, manifest["profile"]):
+            raise ShardError(f"{path}: {why}; refusing to list it in {root / MANIFEST_NAME}")
+        entry.pop("missing_columns", None)
         manifest["scenes"] = [e for e in manifest["scenes"] if e["path"] != rel] + [entry]
         _finish_manifest(root, manifest)
     return entry
 
 
-def scene_paths(root: str | Path, split: str | None = None) -> list[Path]:
+def check_listed_files(root: str | Path, entries: list[dict], manifest: dict | None = None) -> None:
+    """Raise naming the first bad file when a manifest entry's shard is missing, has another size
+    than the manifest records (truncated, or rewritten since), or has another class count: cheap
+    (one stat per file), so every reader can run it before Ray reads the shards and fails with
+    an error that names no file."""
+    root = Path(root)
+    num_classes = (manifest or {}).get("num_classes")
+    for e in entries:
+        p = root / e["path"]
+        if not p.is_file():
+            raise FileNotFoundError(f"shard {p} listed in {root / MANIFEST_NAME} does not exist "
+                                    f"(run `rayseg inspect --verify {root}`)")
+        size = p.stat().st_size
+        if e.get("bytes") is not None and size != e["bytes"]:
+            raise ShardError(f"shard {p}: {size} bytes, {root / MANIFEST_NAME} says {e['bytes']}: truncated "
+                             f"or rewritten since the manifest was written (run `rayseg inspect --verify {root}`)")
+        if num_classes is not None and e.get("num_tags") not in (None, num_classes):
+            raise ShardError(f"shard {p}: {e['num_tags']} class tags, the dataset has {num_classes} classes: "
+                             "a scene of another class set (move it out and re-run prepare)")
+
+
+def scene_paths(root: str | Path, split: str | None = None, check_sizes: bool = True) -> list[Path]:
     """Shard paths of a dataset (all splits, or one), from its manifest, sorted.
 
-    Missing folder / manifest / shard -> FileNotFoundError naming it; no scenes in the
-    requested split -> ShardError naming the folder and split."""
+    Missing folder / manifest / shard -> FileNotFoundError naming it; a shard whose size differs
+    from the manifest's (truncated; ``check_sizes``) or whose class count differs -> ShardError
+    naming it; no scenes in the requested split -> ShardError naming the folder and split.
+    ``check_sizes=False`` is for jobs that rewrite shards and then refresh the manifest
+    (partition), which must work on a manifest left stale by a kill between the two writes."""
     root = Path(root)
     manifest = load_manifest(root)
     entries = [e for e in manifest["scenes"] if split is None or e["split"] == split]
@@ -566,6 +625,8 @@ def scene_paths(root: str | Path, split: str | None = None) -> list[Path]:
         have = manifest.get("splits", {})
         raise ShardError(f"{root}: no scenes in split {split!r} (manifest has {have or 'no scenes'})"
                          if split else f"{root}: dataset has no scenes")
+    if check_sizes:
+        check_listed_files(root, entries, manifest)
     paths = [root / e["path"] for e in entries]
     for p in paths:
         if not p.is_file():
@@ -636,9 +697,17 @@ def verify(root: str | Path, progress_seconds: float = 0.0) -> list[str]:
     problems: list[str] = []
     num_classes = manifest.get("num_classes")
     listed = {e["path"]: e for e in manifest["scenes"]}
+    if not listed:
+        problems.append(f"{MANIFEST_NAME}: lists no scenes (did every scene fail to prepare? re-run prepare)")
     on_disk = {p.relative_to(root).as_posix() for p in _disk_shards(root)}
     for rel in sorted(on_disk - set(listed)):
-        problems.append(f"{rel}: extra file not in the manifest (run write_manifest or re-run prepare)")
+        try:
+            why = _foreign_reason(_file_entry(root, root / rel, None), manifest.get("profile"))
+        except (ShardError, OSError) as exc:
+            why = f"unreadable ({exc})"
+        problems.append(f"{rel}: extra file not in the manifest, " + (
+            f"foreign to this dataset: {why}; move it out of the folder" if why
+            else "a sound scene of this dataset (re-run prepare to list it)"))
     for tmp in _temp_files(root):
         problems.append(f"{tmp.relative_to(root).as_posix()}: leftover temp file of an interrupted write")
     last_print = time.time()
@@ -652,7 +721,14 @@ def verify(root: str | Path, progress_seconds: float = 0.0) -> list[str]:
             continue
         size = path.stat().st_size
         if size != entry.get("bytes"):
-            problems.append(f"{rel}: size {size} bytes, manifest says {entry.get('bytes')} (truncated or rewritten)")
+            hint = "truncated or rewritten"
+            with contextlib.suppress(ShardError, OSError):
+                have = sorted(c[len("region_"):] for c in shard_columns(path) if c.startswith("region_"))
+                if have != sorted(entry.get("regions", [])):
+                    hint = (f"the shard has regions {have}, the manifest lists {entry.get('regions', [])}: "
+                            "a partition run was stopped before it refreshed the manifest; re-run "
+                            "`rayseg partition` to repair it")
+            problems.append(f"{rel}: size {size} bytes, manifest says {entry.get('bytes')} ({hint})")
         elif sha256_file(path) != entry.get("sha256"):
             problems.append(f"{rel}: checksum mismatch (sha256 differs from the manifest)")
         problems += [f"{rel}: {p}" for p in verify_shard(path, num_classes)]
