@@ -127,3 +127,44 @@ def test_partition_quality_table_and_mlflow(tmp_path, local_ray, capsys):
     assert 0.3 < metrics["vccs/oracle_miou"] < 1.0
     assert 0.0 < metrics["vccs/oracle_miou_2d"] <= 1.0
     assert metrics["gt/scenes"] == 3
+
+
+def test_partition_repairs_a_manifest_left_stale_between_its_two_writes(tmp_path, local_ray, capsys):
+    """A kill after the shards and partitions.json were written but before the manifest was: the
+    shards carry region_pointwise, the manifest does not. A re-run must repair the manifest, not
+    report "all up to date" and leave training to say the column is missing."""
+    root = make_dataset(tmp_path / "ds")
+    stale = (root / shards.MANIFEST_NAME).read_text()
+    assert job.run_partition(root, ["pointwise"], cfgmod.Config()).ok
+    (root / shards.MANIFEST_NAME).write_text(stale)  # the state on disk after such a kill
+    problems = shards.verify(root)
+    assert len(problems) == 3 and all("re-run `rayseg partition` to repair it" in p for p in problems)
+    with pytest.raises(shards.ShardError, match="truncated or rewritten"):
+        shards.scene_paths(root)  # readers refuse the stale manifest, naming the shard
+
+    again = job.run_partition(root, ["pointwise"], cfgmod.Config())
+    assert again.ok and len(again.skipped) == 3 and not again.written  # nothing recomputed
+    assert "manifest refreshed" in capsys.readouterr().out
+    assert shards.verify(root) == [] and job.verify_partitions(root) == []
+    assert all("pointwise" in e["regions"] for e in shards.load_manifest(root)["scenes"])
+
+
+def test_verify_partitions_names_scenes_made_with_other_parameters(tmp_path, local_ray, capsys):
+    """A partition run with new parameters that did not finish leaves scenes of two parameter sets
+    under one column: `inspect --verify` and `doctor` name them."""
+    root = make_dataset(tmp_path / "ds")
+    cfg = cfgmod.replace(cfgmod.Config(), **{"partition.vccs_seed_resolution": 0.3})
+    assert job.run_partition(root, ["vccs"], cfg).ok
+    old_hash = json.loads((root / job.SIDECAR).read_text())["methods"]["vccs"]["hash"]
+    assert job.run_partition(root, ["vccs"], cfgmod.replace(cfg, **{"partition.vccs_seed_resolution": 0.4})).ok
+    sidecar = json.loads((root / job.SIDECAR).read_text())
+    sidecar["scenes"]["train/synth_0001.parquet"]["vccs"] = old_hash  # not redone before the stop
+    (root / job.SIDECAR).write_text(json.dumps(sidecar))
+    problems = job.verify_partitions(root)
+    assert len(problems) == 1 and problems[0].startswith("train/synth_0001.parquet: region_vccs: made with other")
+    assert cli.main(["inspect", str(root), "--verify"]) == 1
+    assert "synth_0001.parquet: region_vccs: made with other parameters" in capsys.readouterr().out
+    # the same method re-run with the current parameters redoes exactly that scene
+    fixed = job.run_partition(root, ["vccs"], cfgmod.replace(cfg, **{"partition.vccs_seed_resolution": 0.4}))
+    assert fixed.written == ["synth_0001"] and job.verify_partitions(root) == []
+    assert cli.main(["doctor", str(root)]) == 0

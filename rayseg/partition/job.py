@@ -143,6 +143,66 @@ class PartitionSummary(PrepareSummary):
         return "\n".join([super().format()] + [f"  WARNING {w}" for w in self.warnings])
 
 
+def _stale_manifest_entries(root: Path, paths: list[Path], entries: dict) -> list[str]:
+    """Scenes whose manifest entry no longer describes their shard (size or region list)."""
+    stale = []
+    for path in paths:
+        rel = path.relative_to(root).as_posix()
+        entry = entries.get(rel, {})
+        regions = sorted(c[len("region_"):] for c in shards.shard_columns(path) if c.startswith("region_"))
+        if entry.get("bytes") != path.stat().st_size or sorted(entry.get("regions", [])) != regions:
+            stale.append(rel)
+    return stale
+
+
+def verify_partitions(root: str | Path) -> list[str]:
+    """Problems of a dataset's partitions, each naming the scene file and the method: a region
+    column with no record of the parameters that made it, or made with other parameters than
+    the rest (a run with new parameters that did not finish), a column on some scenes only, a
+    point column without its view column, a record whose column is gone. [] when sound, and
+    when the dataset has no partitions.json (its region columns, if any, were written by its
+    preparer, not by `rayseg partition`)."""
+    root = Path(root)
+    manifest = shards.load_manifest(root)
+    if not (root / SIDECAR).is_file():
+        return []  # no partition run here: region columns (if any) came with the dataset itself
+    try:
+        sidecar = load_sidecar(root)
+    except shards.ShardError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    have: dict[str, list[str]] = {}  # method -> scenes (rel paths) that carry it
+    entries = manifest["scenes"]
+    for entry in entries:
+        rel, path = entry["path"], root / entry["path"]
+        try:
+            columns = set(shards.shard_columns(path))
+        except (FileNotFoundError, shards.ShardError):
+            continue  # the dataset check reports the file itself
+        record = sidecar["scenes"].get(rel, {})
+        for col in sorted(c for c in columns if c.startswith("region_")):
+            m = col[len("region_"):]
+            have.setdefault(m, []).append(rel)
+            want = sidecar["methods"].get(m, {}).get("hash")
+            if want is None or m not in record:
+                problems.append(f"{rel}: {col}: {SIDECAR} has no record of the parameters that made it "
+                                f"(re-run `rayseg partition {root} --method {m} --force`)")
+            elif record[m] != want:
+                problems.append(f"{rel}: {col}: made with other parameters ({record[m]}) than {SIDECAR} records "
+                                f"for {m} ({want}): a partition run with new parameters did not finish; re-run it")
+            if entry.get("num_views") and f"view_{col}" not in columns:
+                problems.append(f"{rel}: {col} without view_{col} (re-run `rayseg partition`)")
+        for m in sorted(set(record) - {c[len("region_"):] for c in columns if c.startswith("region_")}):
+            problems.append(f"{rel}: {SIDECAR} records region_{m} but the shard lacks it (re-prepared since?); "
+                            f"re-run `rayseg partition {root} --method {m}`")
+    for m, rels in sorted(have.items()):
+        if len(rels) < len(entries):
+            lacking = sorted(set(e["path"] for e in entries) - set(rels))
+            problems.append(f"region_{m}: on {len(rels)} of {len(entries)} scenes, missing on "
+                            f"{', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''}")
+    return problems
+
+
 def load_sidecar(root: Path) -> dict:
     path = root / SIDECAR
     if not path.is_file():
@@ -187,7 +247,9 @@ def run_partition(root: str | Path, methods: list[str], cfg: cfgmod.Config, forc
         check_method(m)
     root = Path(root)
     manifest = shards.load_manifest(root)  # missing data fails here, before Ray starts
-    paths = shards.scene_paths(root)
+    # Sizes unchecked: a manifest left stale by a kill between a shard rewrite and the manifest
+    # refresh is what this job repairs.
+    paths = shards.scene_paths(root, check_sizes=False)
     entries = {e["path"]: e for e in manifest["scenes"]}
     sidecar = load_sidecar(root)
     hashes = {m: params_hash(m, cfg.partition) for m in methods}
@@ -214,6 +276,12 @@ def run_partition(root: str | Path, methods: list[str], cfg: cfgmod.Config, forc
     start = time.time()
     if not plan:
         print(f"partition: all {len(paths)} scenes up to date for {', '.join(methods)}", flush=True)
+        stale = _stale_manifest_entries(root, paths, entries)
+        if stale:  # shards rewritten, manifest not refreshed (killed between the two writes)
+            save_sidecar(root, sidecar)
+            shards.write_manifest(root, None)
+            print(f"partition: manifest refreshed: {len(stale)} scene(s) carried region columns or bytes "
+                  f"it did not list (e.g. {stale[0]}; a run stopped between its two writes)", flush=True)
         summary.seconds = time.time() - start
         return summary
     for m in methods:
@@ -270,5 +338,5 @@ def run_partition(root: str | Path, methods: list[str], cfg: cfgmod.Config, forc
     return summary
 
 
-__all__ = ["run_partition", "partition_scene", "partition_file", "PartitionSummary", "SIDECAR",
+__all__ = ["run_partition", "partition_scene", "partition_file", "PartitionSummary", "SIDECAR", "verify_partitions",
            "ALL_METHODS", "METHODS"]
