@@ -129,6 +129,94 @@ def write_scannet_scene(raw: Path, scene_id: str, truth: dict, align: np.ndarray
     return {"views": [i for i in range(num_views) if i != bad_view]}
 
 
+# What ScanNet's reader writes for a real scene (scene0000_00's numbers, rounded): depth 640x480
+# whose principal point is NOT at the image centre, colour 1296x968.
+SCANNET_DEPTH_WH, SCANNET_COLOR_WH = (640, 480), (1296, 968)
+SCANNET_K_DEPTH = np.array([[577.59, 0.0, 318.91], [0.0, 578.73, 242.68], [0.0, 0.0, 1.0]])
+SCANNET_K_COLOR = np.array([[1170.19, 0.0, 647.75], [0.0, 1170.19, 483.75], [0.0, 0.0, 1.0]])
+ROOM_MIN, ROOM_MAX = np.array([0.0, 0.0, 0.0]), np.array([6.0, 5.0, 3.0])  # a box room, metres
+
+
+def look_at(eye, target) -> np.ndarray:
+    """Camera-to-world (OpenCV axes: x right, y down, z forward) at eye looking at target."""
+    eye, target = np.asarray(eye, float), np.asarray(target, float)
+    z = target - eye
+    z /= np.linalg.norm(z)
+    x = np.cross(z, [0.0, 0.0, 1.0])
+    x /= np.linalg.norm(x)
+    m = np.eye(4)
+    m[:3, :3] = np.stack([x, np.cross(z, x), z], axis=1)
+    m[:3, 3] = eye
+    return m
+
+
+def box_depth(K: np.ndarray, wh: tuple[int, int], c2w: np.ndarray) -> np.ndarray:
+    """Exact depth (z along the optical axis, metres) of the box room's inside, seen by a pinhole
+    camera with intrinsics K (pixel centres at integer coordinates) at ``wh``."""
+    w, h = wh
+    u, v = np.meshgrid(np.arange(w), np.arange(h))
+    rays = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones(u.shape)], -1)  # z = 1
+    d = rays @ c2w[:3, :3].T
+    o = c2w[:3, 3]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.stack([np.where(d[..., a] > 0, (ROOM_MAX[a] - o[a]) / d[..., a], (ROOM_MIN[a] - o[a]) / d[..., a])
+                      for a in range(3)], -1)
+    return np.nanmin(np.where(t > 0, t, np.inf), axis=-1)
+
+
+def box_distance(xyz: np.ndarray) -> np.ndarray:
+    """Distance of points (inside the box room) to its nearest face."""
+    return np.minimum(xyz - ROOM_MIN, ROOM_MAX - xyz).min(axis=1)
+
+
+def write_scannet_real_export(raw: Path, scene_id: str, num_frames: int = 3, *, depth_wh=SCANNET_DEPTH_WH,
+                              points: int = 6000) -> dict:
+    """<raw>/<scene_id>/ in ScanNet's real exported-frames layout, as its reader writes it into the
+    scene folder: intrinsic/{intrinsic,extrinsic}_{color,depth}.txt, color/<i>.jpg at 1296x968,
+    depth/<i>.png (uint16 mm) at ``depth_wh`` (the sensor's 640x480 unless a test resizes them),
+    pose/<i>.txt; plus the scan: vertices sampled on the walls, floor and ceiling of a box room
+    (nyu40 wall 1 / floor 2 / ceiling 22) and the axis alignment (identity). Depth is rendered
+    exactly from the 640x480 intrinsics SCANNET_K_DEPTH. Returns the poses."""
+    d = raw / scene_id
+    for sub in ("color", "depth", "pose", "intrinsic"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    face = rng.integers(0, 6, points)
+    xyz = rng.uniform(ROOM_MIN, ROOM_MAX, (points, 3))
+    axis, side = face // 2, face % 2
+    xyz[np.arange(points), axis] = np.where(side == 1, ROOM_MAX[axis], ROOM_MIN[axis])
+    nyu40 = np.where(axis < 2, 1, np.where(side == 0, 2, 22)).astype(np.uint16)
+    color = (np.array([[200, 60, 60], [60, 200, 60], [60, 60, 200]])[axis]).astype(np.uint8)
+    vertex = {"x": xyz[:, 0].astype(np.float32), "y": xyz[:, 1].astype(np.float32),
+              "z": xyz[:, 2].astype(np.float32), "red": color[:, 0], "green": color[:, 1], "blue": color[:, 2],
+              "alpha": np.full(points, 255, np.uint8)}
+    write_ply(d / f"{scene_id}_vh_clean_2.ply", vertex)
+    write_ply(d / f"{scene_id}_vh_clean_2.labels.ply", {**vertex, "label": nyu40})
+    (d / f"{scene_id}.txt").write_text("axisAlignment = " + " ".join(["1", "0", "0", "0", "0", "1", "0", "0",
+                                                                       "0", "0", "1", "0", "0", "0", "0", "1"]) + "\n")
+    for name, K in (("intrinsic_depth", SCANNET_K_DEPTH), ("intrinsic_color", SCANNET_K_COLOR)):
+        K4 = np.eye(4)
+        K4[:3, :3] = K
+        np.savetxt(d / "intrinsic" / f"{name}.txt", K4, fmt="%f")
+    for name in ("extrinsic_depth", "extrinsic_color"):
+        np.savetxt(d / "intrinsic" / f"{name}.txt", np.eye(4), fmt="%f")
+    poses = []
+    for i in range(num_frames):
+        c2w = look_at([1.5 + i, 1.2 + 0.5 * i, 1.5], [3.0 + 0.8 * i, 5.0, 0.6 + 0.3 * i])
+        depth = box_depth(SCANNET_K_DEPTH, SCANNET_DEPTH_WH, c2w)
+        depth_mm = np.round(depth * 1000).astype(np.uint16)
+        if tuple(depth_wh) != SCANNET_DEPTH_WH:  # exported resized (nearest): intrinsics no longer fit
+            ys = (np.arange(depth_wh[1]) * SCANNET_DEPTH_WH[1] // depth_wh[1])
+            xs = (np.arange(depth_wh[0]) * SCANNET_DEPTH_WH[0] // depth_wh[0])
+            depth_mm = depth_mm[ys[:, None], xs[None, :]]
+        Image.fromarray(depth_mm).save(d / "depth" / f"{i}.png")
+        gray = np.full((SCANNET_COLOR_WH[1], SCANNET_COLOR_WH[0], 3), 90 + 40 * i, np.uint8)
+        Image.fromarray(gray).save(d / "color" / f"{i}.jpg", quality=90)
+        np.savetxt(d / "pose" / f"{i}.txt", c2w, fmt="%.6f")
+        poses.append(c2w)
+    return {"poses": np.stack(poses)}
+
+
 def write_scannet_splits(splits_dir: Path, splits: dict[str, list[str]]) -> None:
     splits_dir.mkdir(parents=True, exist_ok=True)
     for split, ids in splits.items():

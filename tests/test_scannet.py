@@ -12,8 +12,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np
 import pytest
 
-from fixtures_raw import (floor_faces, scannet_nyu40, transform, truth_scene, write_scannet_scene,
-                          write_scannet_splits, z_rotation)
+from fixtures_raw import (SCANNET_DEPTH_WH, SCANNET_K_DEPTH, box_distance, floor_faces, scannet_nyu40, transform,
+                          truth_scene, write_scannet_real_export, write_scannet_scene, write_scannet_splits,
+                          z_rotation)
 from rayseg import cli
 from rayseg.data import scannet, shards
 from rayseg.data.ply import PlyError, read_ply, write_ply
@@ -258,3 +259,82 @@ def test_bad_paths_fail_before_ray_naming_the_path(tmp_path, capsys):
                      "--out", str(tmp_path / "out")])
     assert code == 2
     assert str(tmp_path / "nope") in capsys.readouterr().err
+
+
+def test_other_frame_skip_or_image_size_into_a_prepared_folder_is_refused(raw_scannet, prepared, capsys):
+    """Topping up a complete folder with other settings would keep its scenes and write a manifest
+    claiming settings they were not made with."""
+    before = (prepared["out"] / "manifest.json").read_bytes()
+    base = ["prepare", "scannet", "--raw", str(raw_scannet["raw"]), "--splits", str(raw_scannet["splits"]),
+            "--out", str(prepared["out"])]
+    assert cli.main(base + ["--frame-skip", str(SKIP + 1), "--image-size", f"{OUT_W}x{OUT_H}"]) == 2
+    assert f"frame_skip: {SKIP} there, {SKIP + 1} now" in capsys.readouterr().err
+    assert cli.main(base + ["--frame-skip", str(SKIP), "--image-size", f"{2 * OUT_W}x{2 * OUT_H}"]) == 2
+    assert f"image_size: [{OUT_W}, {OUT_H}] there, [{2 * OUT_W}, {2 * OUT_H}] now" in capsys.readouterr().err
+    assert (prepared["out"] / "manifest.json").read_bytes() == before
+    settings = shards.load_manifest(prepared["out"])["metadata"]["settings"]
+    assert settings["frame_skip"] == SKIP and settings["image_size"] == [OUT_W, OUT_H]
+
+
+# --------------------------------------------------------------------------------------------
+# The exported-frames layout as ScanNet's reader writes it (640x480 depth, off-centre principal point)
+# --------------------------------------------------------------------------------------------
+
+
+def _backprojection_error(scene: dict) -> np.ndarray:
+    """|distance to the room's faces| of every depth pixel back-projected with the record's K and pose."""
+    out = []
+    for depth, K, pose in zip(scene["view_depth"], scene["view_intrinsics"].astype(float),
+                              scene["view_pose"].astype(float)):
+        v, u = np.nonzero(depth > 0)
+        z = depth[v, u]
+        cam = np.stack([(u - K[0, 2]) / K[0, 0] * z, (v - K[1, 2]) / K[1, 1] * z, z], axis=1)
+        out.append(np.abs(box_distance(cam @ pose[:3, :3].T + pose[:3, 3])))
+    return np.concatenate(out)
+
+
+def test_real_export_layout_reads_intrinsics_for_the_depth_images_size(tmp_path):
+    info = write_scannet_real_export(tmp_path, "scene0000_00")
+    # The principal point is off-centre: guessing the size from it gives 639x486, not 640x480.
+    assert round(2 * (SCANNET_K_DEPTH[0, 2] + 0.5)) == 639 and round(2 * (SCANNET_K_DEPTH[1, 2] + 0.5)) == 486
+    for wh in ((640, 480), (320, 240)):
+        opts = scannet.ScanNetOptions(frame_skip=1, image_width=wh[0], image_height=wh[1])
+        scene = scannet.load_scene(tmp_path / "scene0000_00", "scene0000_00", "train", opts)
+        expect = scannet.scale_intrinsics(SCANNET_K_DEPTH, SCANNET_DEPTH_WH, wh)
+        np.testing.assert_allclose(scene["view_intrinsics"], np.tile(expect, (3, 1, 1)), rtol=1e-6, atol=1e-4)
+        np.testing.assert_allclose(scene["view_pose"], info["poses"], atol=1e-5)
+        assert scene["view_rgb"].shape == (3, wh[1], wh[0], 3)
+    # At the native size no pixel is resampled: depth and K agree to the millimetre rounding.
+    # (The principal-point guess put points up to ~1 cm off the walls here, 3.4 px on a real scene.)
+    opts = scannet.ScanNetOptions(frame_skip=1, image_width=640, image_height=480)
+    err = _backprojection_error(scannet.load_scene(tmp_path / "scene0000_00", "scene0000_00", "train", opts))
+    assert np.percentile(err, 99) < 1e-3, np.percentile(err, 99)
+
+
+def test_real_export_with_resized_depth_is_refused_by_name(tmp_path):
+    write_scannet_real_export(tmp_path, "scene0000_00", num_frames=1, depth_wh=(320, 240))
+    opts = scannet.ScanNetOptions(frame_skip=1)
+    with pytest.raises(ValueError, match=r"intrinsic_depth.txt with .*depth/0.png: principal point "
+                                         r"\(318.9, 242.7\) is not near the centre of the 320x240"):
+        scannet.load_scene(tmp_path / "scene0000_00", "scene0000_00", "train", opts)
+
+
+def test_raw_pointing_at_the_wrong_folder_gets_a_hint(tmp_path, capsys):
+    root = tmp_path / "ScanNet"
+    write_scannet_real_export(root / "scans", "scene0000_00", num_frames=1)
+    (root / "scans_test").mkdir()
+    write_scannet_splits(tmp_path / "splits", {"train": ["scene0000_00"]})
+    args = ["--splits", str(tmp_path / "splits"), "--out", str(tmp_path / "out")]
+    assert cli.main(["prepare", "scannet", "--raw", str(root)] + args) == 2
+    err = capsys.readouterr().err
+    assert f"pass --raw {root / 'scans'} {root / 'scans_test'}" in err
+    assert cli.main(["prepare", "scannet", "--raw", str(root / "scans" / "scene0000_00")] + args) == 2
+    assert f"is one scene's folder (or one scene's exported frames): pass the folder that holds the scene " \
+           f"folders, e.g. --raw {root / 'scans'}" in capsys.readouterr().err
+    # Frames exported to a folder of their own, away from the scans: the scene is found but has no mesh.
+    export = tmp_path / "exported" / "scene0000_00"
+    export.parent.mkdir()
+    (root / "scans" / "scene0000_00").rename(export)
+    export.joinpath("scene0000_00_vh_clean_2.ply").unlink()
+    with pytest.raises(FileNotFoundError, match="holds exported frames but not the scan"):
+        scannet.load_scene(export, "scene0000_00", "train", scannet.ScanNetOptions())

@@ -18,8 +18,12 @@ Inputs per scene directory ``<raw>/<scene>/`` as ScanNet ships them:
 - ``<scene>.txt``: ``axisAlignment = m00 m01 ... m33`` (16 numbers, row-major 4x4 mapping raw scan
   coordinates to axis-aligned ones). Missing (test scenes) -> identity.
 - views from ``<scene>.sens`` (read directly, see rayseg/data/sens.py), or from already exported
-  frames ``color/<i>.jpg``, ``depth/<i>.png`` (uint16 millimetres), ``pose/<i>.txt`` (4x4
-  camera-to-world) and ``intrinsic/intrinsic_depth.txt`` (4x4).
+  frames as ScanNet's reader (SensReader/python/reader.py) writes them INTO the scene folder:
+  ``color/<i>.jpg``, ``depth/<i>.png`` (uint16 millimetres, at the depth sensor's size),
+  ``pose/<i>.txt`` (4x4 camera-to-world) and ``intrinsic/intrinsic_depth.txt`` (4x4). The
+  intrinsics file does not say which image size it describes: it is the depth PNGs' own size
+  (the reader exports depth unresized), checked against the principal point, which ScanNet puts
+  within a few pixels of the image centre; depth exported resized is refused by name.
 
 Views: frames 0, k, 2k, ... (k = frame_skip; for exported frames, the files whose index is a
 multiple of k). Frames whose pose has a non-finite entry (ScanNet marks tracking failures with
@@ -56,6 +60,9 @@ from rayseg.data.sens import decode_color, decode_depth, read_sens, read_sens_he
 
 SCANNET20_NYU40_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
 SPLITS = ("train", "val", "test")
+# Bumped when the same raw files give other scene records (2: exported frames' intrinsics are
+# scaled from the depth images' own size instead of a size guessed from the principal point).
+READER_VERSION = 2
 
 
 def nyu40_to_scannet20(nyu40: np.ndarray) -> np.ndarray:
@@ -254,23 +261,42 @@ def _frames_from_sens(sens_path: Path, opts: ScanNetOptions) -> tuple[list[dict]
     return views, len(frames), dropped
 
 
-def _native_size_from_principal_point(K: np.ndarray) -> tuple[int, int]:
-    # Exported intrinsics files do not state their image size; ScanNet's principal points sit at
-    # the image centre ((w-1)/2, (h-1)/2), which gives it back (640x480 for 319.5, 239.5).
-    return int(round(2 * (K[0, 2] + 0.5))), int(round(2 * (K[1, 2] + 0.5)))
+EXPORT_INTRINSICS = "intrinsic/intrinsic_depth.txt"
+
+
+def check_principal_point(K: np.ndarray, wh: tuple[int, int], what: str) -> None:
+    """Refuse intrinsics whose principal point is not near the centre of a ``wh`` image.
+
+    ScanNet's principal points sit within a few pixels of the centre of the image they describe
+    (e.g. 318.9, 242.7 for 640x480 depth). One far from it means the intrinsics describe another
+    size than these images: depth exported resized, or the colour intrinsics next to depth frames."""
+    w, h = wh
+    cx, cy = float(K[0, 2]), float(K[1, 2])
+    if abs(cx - (w - 1) / 2) > w / 8 or abs(cy - (h - 1) / 2) > h / 8:
+        raise ValueError(f"{what}: principal point ({cx:.1f}, {cy:.1f}) is not near the centre of the "
+                         f"{w}x{h} depth images ({(w - 1) / 2:.1f}, {(h - 1) / 2:.1f}): the intrinsics "
+                         f"describe images of another size (depth exported resized?). Export the depth "
+                         f"frames at the sensor's size, as ScanNet's reader does by default.")
 
 
 def _frames_from_exported(scene_dir: Path, opts: ScanNetOptions) -> tuple[list[dict], int, int]:
+    """Frames exported by ScanNet's reader (SensReader/python/reader.py) into the scene folder.
+
+    Its intrinsics files hold the sensor's intrinsics but not the image size they belong to; the
+    depth images it writes are at the depth sensor's size, so each depth PNG's own size is that
+    size (checked against the principal point, which must sit near the image centre)."""
     color_dir, depth_dir, pose_dir = scene_dir / "color", scene_dir / "depth", scene_dir / "pose"
-    intr = scene_dir / "intrinsic" / "intrinsic_depth.txt"
+    intr = scene_dir / EXPORT_INTRINSICS
     if not intr.is_file():
-        raise FileNotFoundError(f"{intr}: missing (exported frames need intrinsic/intrinsic_depth.txt)")
+        raise FileNotFoundError(f"{intr}: missing (exported frames need {EXPORT_INTRINSICS}, which "
+                                "ScanNet's reader writes with --export_intrinsics)")
     K_native = _read_matrix_txt(intr)[:3, :3]
-    native_wh = _native_size_from_principal_point(K_native)
+    if not (np.isfinite(K_native).all() and K_native[0, 0] > 0 and K_native[1, 1] > 0):
+        raise ValueError(f"{intr}: not a camera matrix (needs finite entries and positive fx, fy): {K_native.tolist()}")
     target = (opts.image_width, opts.image_height)
     indices = sorted(int(p.stem) for p in pose_dir.glob("*.txt") if p.stem.isdigit())
     indices = [i for i in indices if i % opts.frame_skip == 0]
-    views, dropped = [], 0
+    views, dropped, checked = [], 0, set()
     for i in indices:
         pose = _read_matrix_txt(pose_dir / f"{i}.txt")
         if not np.isfinite(pose).all():
@@ -288,9 +314,11 @@ def _frames_from_exported(scene_dir: Path, opts: ScanNetOptions) -> tuple[list[d
         if depth_mm.dtype not in (np.uint16, np.int32) or depth_mm.ndim != 2:
             raise ValueError(f"{depth_path}: expected a 16-bit single-channel PNG, got {depth_mm.dtype} {depth_mm.shape}")
         depth = depth_mm.astype(np.float32) / 1000.0
-        # The exported depth may already be resized; its intrinsics file is at native size.
-        K_here = scale_intrinsics(K_native, native_wh, (depth.shape[1], depth.shape[0]))
-        K = scale_intrinsics(K_here, (depth.shape[1], depth.shape[0]), target)
+        depth_wh = (depth.shape[1], depth.shape[0])
+        if depth_wh not in checked:
+            check_principal_point(K_native, depth_wh, f"{intr} with {depth_path}")
+            checked.add(depth_wh)
+        K = scale_intrinsics(K_native, depth_wh, target)
         views.append({"rgb": resize_rgb(rgb, target), "depth": resize_depth_nearest(depth, target),
                       "pose": pose, "K": K, "frame": i})
     return views, len(indices), dropped
@@ -307,6 +335,10 @@ def load_scene(scene_dir: str | Path, scene_id: str, split: str, opts: ScanNetOp
     if not scene_dir.is_dir():
         raise FileNotFoundError(f"scene {scene_id}: directory {scene_dir} not found")
     mesh_path = scene_dir / f"{scene_id}_vh_clean_2.ply"
+    if not mesh_path.is_file():
+        hint = (" (the folder holds exported frames but not the scan: export the frames into the "
+                "ScanNet scene folder itself, next to the meshes)" if (scene_dir / "pose").is_dir() else "")
+        raise FileNotFoundError(f"scene {scene_id}: {mesh_path} not found{hint}")
     mesh = read_ply(mesh_path)
     vert = mesh.get("vertex")
     if vert is None or not all(k in vert for k in ("x", "y", "z", "red", "green", "blue")):
@@ -436,6 +468,36 @@ def plan_tasks(raw_dirs: list[str | Path], splits_dir: str | Path, opts: ScanNet
     return tasks, notes
 
 
+def layout_hint(raw_dirs: list[Path]) -> str:
+    """Why --raw found no scene, when the folder's layout says so: it is the parent of scans/, one
+    scene's folder, or an export of frames without the scans ('' when none of these)."""
+    hints = []
+    for r in raw_dirs:
+        subs = [d for d in ("scans", "scans_test") if (r / d).is_dir()]
+        if subs:
+            hints.append(f"{r} holds {' and '.join(d + '/' for d in subs)}: "
+                         f"pass --raw {' '.join(str(r / d) for d in subs)}")
+        elif any((r / d).is_dir() for d in ("color", "depth", "pose", "intrinsic")) or \
+                any(r.glob("*_vh_clean_2.ply")) or any(r.glob("*.sens")):
+            hints.append(f"{r} is one scene's folder (or one scene's exported frames): pass the folder "
+                         f"that holds the scene folders, e.g. --raw {r.parent}")
+        else:
+            names = sorted(d.name for d in r.iterdir() if d.is_dir())[:3] if r.is_dir() else []
+            if names:
+                hints.append(f"{r} holds folders such as {', '.join(names)}, none named after a scene of "
+                             "the split files")
+    layout = ("; expected --raw = folder(s) with one folder per scene, <raw>/<scene>/<scene>_vh_clean_2.ply "
+              "+ <scene>.sens or exported frames (color/, depth/, pose/, intrinsic/) inside the scene folder")
+    return (" (" + "; ".join(hints) + ")" if hints else "") + layout
+
+
+def prepare_settings(opts: ScanNetOptions) -> dict:
+    """What a prepared scene's content depends on: a folder prepared with other settings is
+    refused by run_prepare instead of being topped up with scenes made another way."""
+    return {"reader": "scannet", "reader_version": READER_VERSION, "frame_skip": opts.frame_skip,
+            "image_size": [opts.image_width, opts.image_height], "axis_align": opts.axis_align}
+
+
 def prepare_scannet(raw_dirs: list[str | Path], splits_dir: str | Path, out_root: str | Path,
                     opts: ScanNetOptions, max_scenes_per_split: int = 0):
     """Prepare ScanNet into rayseg shards; returns run_prepare's summary."""
@@ -443,7 +505,8 @@ def prepare_scannet(raw_dirs: list[str | Path], splits_dir: str | Path, out_root
 
     tasks, notes = plan_tasks(raw_dirs, splits_dir, opts, max_scenes_per_split)
     if not tasks:
-        raise FileNotFoundError(f"no ScanNet scenes of {splits_dir} found under {[str(r) for r in raw_dirs]}")
+        raise FileNotFoundError(f"no ScanNet scenes of {splits_dir} found under {[str(r) for r in raw_dirs]}"
+                                + layout_hint([Path(r) for r in raw_dirs]))
     for split in notes["skipped_splits"]:
         print(f"note: no scene of split '{split}' found under the raw dirs; split skipped")
     metadata = {
@@ -458,7 +521,7 @@ def prepare_scannet(raw_dirs: list[str | Path], splits_dir: str | Path, out_root
         "test_tags": "unknown (all zeros, tags_known = 0)",
         "skipped_splits": notes["skipped_splits"],
     }
-    summary = run_prepare(out_root, tasks, "scannet20", metadata=metadata)
+    summary = run_prepare(out_root, tasks, "scannet20", metadata=metadata, settings=prepare_settings(opts))
     total, dropped = frame_counts(out_root, [t for t in tasks if t.scene_id not in summary.failed])
     print(f"frames: {total} considered (frame skip {opts.frame_skip}), {dropped} dropped for a "
           f"non-finite pose (per scene: frames_total / frames_dropped in the records)")
