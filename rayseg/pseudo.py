@@ -7,13 +7,23 @@ reads ground truth; `evaluate_pseudo_labels` reads the GT label column afterward
 printed / logged mIoU only.
 
 Output: ``OUT/<split>/<scene_id>.parquet`` with columns scene_id, pseudo_label (uint8 per point,
-in the scene's point order), num_points; ``OUT/pseudo.json`` names the run and checkpoint.
+in the scene's point order), num_points; ``OUT/pseudo.json`` names the run, the checkpoint (path,
+step, sha256 of its bytes) and the settings that decide the labels (dataset, split, voxel size,
+region column and the parameter hash of its partition, pooling mode, model), and their short
+hash, the *source*. Every scene file carries the source in its Parquet metadata.
+
+A scene counts as done only when its file reads back with the expected point count and carries
+the current source, so labels of another checkpoint or other settings are never reused: a folder
+holding another source is refused (``overwrite=True`` relabels it), and readers
+(``evaluate_pseudo_labels``, ``verify_pseudo_labels``, ``check_folder``) refuse files whose source
+differs from the folder's pseudo.json. pseudo.json is written (``complete: false``) before the first
+label and rewritten (``complete: true``) after the last.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -22,31 +32,50 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayseg import config as cfgmod
+from rayseg.atomic import atomic_path
 
 PSEUDO_COLUMN = "pseudo_label"
+META_FILE = "pseudo.json"
+SOURCE_KEY = b"rayseg.pseudo.source"
+
+
+class PseudoLabelError(ValueError):
+    """A pseudo-label folder is incomplete, or holds labels of another checkpoint or settings."""
 
 
 def pseudo_path(out: str | Path, split: str, scene_id: str) -> Path:
     return Path(out) / split / f"{scene_id}.parquet"
 
 
-def write_pseudo(path: Path, scene_id: str, labels: np.ndarray) -> None:
-    """Atomic write of one scene's pseudo-labels."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_pseudo(path: Path, scene_id: str, labels: np.ndarray, source: str = "") -> None:
+    """Atomic write of one scene's pseudo-labels; ``source`` (what made them) goes into the
+    file's Parquet metadata."""
     table = pa.table({"scene_id": [scene_id], PSEUDO_COLUMN: [labels.astype(np.uint8)],
                       "num_points": [int(labels.shape[0])]})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    table = table.replace_schema_metadata({SOURCE_KEY: source.encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
-def read_pseudo(path: str | Path, scene_id: str | None = None, num_points: int | None = None) -> np.ndarray:
-    """One scene's pseudo-labels; checks the scene id and point count when given."""
+def file_source(path: str | Path) -> str | None:
+    """The source recorded in a pseudo-label file ('' for files of older rayseg versions);
+    None when the file does not exist or its footer does not read."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception:  # noqa: BLE001 - missing / truncated / not parquet
+        return None
+    return meta.get(SOURCE_KEY, b"").decode()
+
+
+def read_pseudo(path: str | Path, scene_id: str | None = None, num_points: int | None = None,
+                source: str | None = None) -> np.ndarray:
+    """One scene's pseudo-labels; checks the scene id, point count and source when given."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pseudo-labels for scene {scene_id or path.stem} not found: {path}")
     try:
-        row = pq.read_table(path).to_pylist()[0]
+        table = pq.read_table(path)
+        row = table.to_pylist()[0]
     except Exception as exc:  # noqa: BLE001 - any read failure is a corrupt file
         raise ValueError(f"{path}: unreadable pseudo-label file ({exc})") from None
     labels = np.asarray(row[PSEUDO_COLUMN], dtype=np.uint8)
@@ -55,21 +84,95 @@ def read_pseudo(path: str | Path, scene_id: str | None = None, num_points: int |
     if num_points is not None and labels.shape[0] != num_points:
         raise ValueError(f"{path}: {labels.shape[0]} pseudo-labels for scene {row['scene_id']} "
                          f"with {num_points} points (made from a different version of the dataset?)")
+    if source is not None:
+        have = (table.schema.metadata or {}).get(SOURCE_KEY, b"").decode()
+        if have != source:
+            raise PseudoLabelError(f"{path}: made by source {have or '(unrecorded)'}, but {path.parent.parent / META_FILE} "
+                                   f"records {source}: labels of another checkpoint or settings mixed into the "
+                                   "folder (re-run `rayseg pseudo-label` with --overwrite)")
     return labels
 
 
-def _is_done(path: Path) -> bool:
+def _is_done(path: Path, source: str, num_points: int | None = None) -> bool:
     try:
-        read_pseudo(path)
+        read_pseudo(path, num_points=num_points, source=source)
         return True
     except (FileNotFoundError, ValueError):
         return False
 
 
+def _region_params_hash(cfg: cfgmod.Config) -> str | None:
+    """The parameter hash `rayseg partition` recorded for the run's region column (None: no
+    region column, or no record)."""
+    if not cfg.data.region_column:
+        return None
+    from rayseg.partition.job import load_sidecar
+
+    sidecar = load_sidecar(Path(cfg.data.root))
+    return sidecar["methods"].get(cfg.data.region_column, {}).get("hash")
+
+
+def labelling_identity(run_dir: Path, ckpt: Path, cfg: cfgmod.Config, split: str) -> dict:
+    """What decides a folder's labels: the checkpoint's bytes and the settings inference uses;
+    ``source`` is their short hash (the run directory and checkpoint path are kept for people,
+    not hashed: a copied run gives the same labels)."""
+    from rayseg.data import shards
+
+    flat = cfgmod.flatten(cfgmod.to_dict(cfg))
+    settings = {
+        "dataset": str(Path(cfg.data.root).resolve()), "split": split, "voxel_size": cfg.data.voxel_size,
+        "region_column": cfg.data.region_column, "region_params": _region_params_hash(cfg),
+        "mode": cfg.loss.rpc.mode, "model": {k: v for k, v in sorted(flat.items()) if k.startswith("model.")},
+    }
+    digest = shards.sha256_file(ckpt)
+    step = ckpt.parent.name.split("-")[0]
+    source = hashlib.sha256(json.dumps({"checkpoint_sha256": digest, "settings": settings},
+                                       sort_keys=True).encode()).hexdigest()[:16]
+    return {"source": source, "run_dir": str(run_dir),
+            "checkpoint": {"path": str(ckpt), "sha256": digest, "step": int(step) if step.isdigit() else None},
+            "settings": settings}
+
+
+def read_meta(out: str | Path) -> dict | None:
+    """A pseudo-label folder's pseudo.json, or None when it has none."""
+    path = Path(out) / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PseudoLabelError(f"{path}: unreadable ({exc}); delete the folder or pass --overwrite") from None
+    if not isinstance(meta, dict):
+        raise PseudoLabelError(f"{path}: not a rayseg pseudo-label record")
+    return meta
+
+
+def _write_meta(out: Path, meta: dict) -> None:
+    with atomic_path(out / META_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _difference(old: dict, new: dict) -> str:
+    """What differs between two labelling identities, in words."""
+    if "source" not in old:
+        return "the folder was labelled by an older rayseg that did not record its checkpoint hash"
+    parts = []
+    o_ck, n_ck = old.get("checkpoint", {}), new["checkpoint"]
+    if o_ck.get("sha256") != n_ck["sha256"]:
+        parts.append(f"checkpoint: {o_ck.get('path')} (step {o_ck.get('step')}, sha256 {str(o_ck.get('sha256'))[:12]}) "
+                     f"there, {n_ck['path']} (step {n_ck['step']}, sha256 {n_ck['sha256'][:12]}) now")
+    o_set, n_set = old.get("settings", {}), new["settings"]
+    for key in sorted(set(o_set) | set(n_set)):
+        if o_set.get(key) != n_set.get(key):
+            parts.append(f"{key}: {o_set.get(key)!r} there, {n_set.get(key)!r} now")
+    return "; ".join(parts) or f"source {old.get('source')} there, {new['source']} now"
+
+
 class TeacherLabeler:
     """Ray Data actor: loads the teacher once, labels one infer-mode sample per call."""
 
-    def __init__(self, checkpoint: str, flat_config: dict, num_classes: int, out: str, split: str):
+    def __init__(self, checkpoint: str, flat_config: dict, num_classes: int, out: str, split: str,
+                 source: str = ""):
         import torch
 
         from rayseg.models.twobranch import TwoBranchModel
@@ -81,7 +184,7 @@ class TeacherLabeler:
         self.model = TwoBranchModel(self.cfg.model, num_classes)
         self.model.load_state_dict(state["teacher"])
         self.model.to(self.device).eval()
-        self.out, self.split = out, split
+        self.out, self.split, self.source = out, split, source
 
     def __call__(self, row: dict) -> dict:
         import torch
@@ -96,15 +199,19 @@ class TeacherLabeler:
             logits = self.model.forward_3d(b["coord"], b["feat"])["logits"][b["inverse"]]
             labels = L.scene_pseudo_labels(logits, b["tags"][0], b.get("region"), self.cfg.loss.rpc.mode)
         scene_id = sample["scene_id"] if isinstance(sample["scene_id"], str) else sample["scene_id"][0]
-        write_pseudo(pseudo_path(self.out, self.split, scene_id), scene_id, labels.cpu().numpy())
+        write_pseudo(pseudo_path(self.out, self.split, scene_id), scene_id, labels.cpu().numpy(), self.source)
         return {"scene_id": scene_id, "num_points": int(labels.shape[0])}
 
 
-def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None = None) -> dict:
-    """Label every scene of the split that is not labelled yet (resumable). Returns a summary."""
+def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None = None,
+                       overwrite: bool = False) -> dict:
+    """Label every scene of the split that is not labelled yet by this checkpoint and these
+    settings (resumable). A folder holding labels of another checkpoint or settings is refused
+    (PseudoLabelError naming what differs) unless ``overwrite``, which relabels those scenes.
+    Returns a summary."""
     import ray
 
-    from rayseg.data import pipeline
+    from rayseg.data import pipeline, shards
     from rayseg.train.launch import init_ray, load_run
     from rayseg.train.loop import latest_checkpoint
 
@@ -116,10 +223,32 @@ def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None =
         raise FileNotFoundError(f"{run_dir}: no checkpoint (train the run first)")
     out = Path(out).resolve()
     cfg = cfgmod.replace(cfg, **{"data.num_views": 0})  # 3D pseudo-labels need no images
+    shards.scene_paths(cfg.data.root, split)  # missing / truncated shards named before Ray reads them
     p = pipeline.plan(cfg.data.root, split, cfg, "infer", 0, cfg.seed)
-    todo = [path for path, sid in zip(p.paths, p.scene_ids) if not _is_done(pseudo_path(out, split, sid))]
+    identity = labelling_identity(run_dir, ckpt, cfg, split)
+    source = identity["source"]
+    sizes = {e["scene_id"]: e.get("num_points") for e in shards.load_manifest(cfg.data.root)["scenes"]
+             if e["split"] == split}
+    old = read_meta(out)
+    todo, foreign = [], []
+    for path, sid in zip(p.paths, p.scene_ids):
+        target = pseudo_path(out, split, sid)
+        if _is_done(target, source, sizes.get(sid)):
+            continue
+        todo.append(path)
+        if file_source(target) not in (None, source):
+            foreign.append(target)
+    if not overwrite and ((old is not None and old.get("source") != source) or foreign):
+        why = _difference(old, identity) if old is not None and old.get("source") != source else \
+            f"{len(foreign)} scene file(s) such as {foreign[0]} were made by source {file_source(foreign[0]) or '(unrecorded)'}"
+        raise PseudoLabelError(f"{out} holds pseudo-labels made by another checkpoint or settings ({why}); "
+                               "use another --out, or --overwrite to relabel them")
+    meta = {**identity, "complete": False, "scenes": len(p.paths)}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_meta(out, meta)  # before the first label: the folder says what its files come from
     print(f"[rayseg] pseudo-labels: {len(p.paths) - len(todo)} of {len(p.paths)} scenes already done, "
-          f"{len(todo)} to label with {ckpt}", flush=True)
+          f"{len(todo)} to label with {ckpt} (source {source}"
+          + (f"; {len(foreign)} made by another source are relabelled" if foreign else "") + ")", flush=True)
     t0 = time.time()
     if todo:
         import ray.data
@@ -129,7 +258,7 @@ def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None =
         ds = pipeline.ray_dataset_from_plan(sub, cfg, 0, cfg.seed)
         ds = ds.map(TeacherLabeler, fn_constructor_kwargs=dict(
             checkpoint=str(ckpt), flat_config=cfgmod.flatten(cfgmod.to_dict(cfg)),
-            num_classes=len(p.class_names), out=str(out), split=split),
+            num_classes=len(p.class_names), out=str(out), split=split, source=source),
             compute=ray.data.ActorPoolStrategy(size=cfg.ray.inference_actors), num_gpus=1 if cfg.ray.use_gpu else 0,
             num_cpus=cfg.ray.cpus_per_worker)
         done = 0
@@ -138,13 +267,88 @@ def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None =
             if done % 10 == 0 or done == len(todo):
                 print(f"[rayseg] pseudo-labels: {done}/{len(todo)} scenes "
                       f"({done / max(time.time() - t0, 1e-9):.2f} scenes/s)", flush=True)
-    meta = {"run_dir": str(run_dir), "checkpoint": str(ckpt), "split": split, "dataset": str(Path(cfg.data.root).resolve()),
-            "region_column": cfg.data.region_column, "mode": cfg.loss.rpc.mode, "scenes": len(p.paths)}
-    tmp = out / ".pseudo.json.tmp"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / "pseudo.json")
-    return {**meta, "labelled": len(todo), "seconds": time.time() - t0}
+    missing = [sid for sid in p.scene_ids if not _is_done(pseudo_path(out, split, sid), source, sizes.get(sid))]
+    if missing:
+        raise PseudoLabelError(f"{out}: {len(missing)} scene(s) were not labelled (e.g. {missing[0]}); re-run the command")
+    meta["complete"] = True
+    _write_meta(out, meta)
+    return {**meta, "checkpoint": str(ckpt), "dataset": identity["settings"]["dataset"], "split": split,
+            "labelled": len(todo), "seconds": time.time() - t0}
+
+
+def check_folder(out: str | Path, data_root: str | Path | None = None, split: str | None = None) -> dict:
+    """Refuse a pseudo-label folder that is not complete and consistent (PseudoLabelError naming
+    the first problem, see verify_pseudo_labels); returns its pseudo.json."""
+    problems, _ = verify_pseudo_labels(out, data_root, split)
+    if problems:
+        more = f" (and {len(problems) - 1} more; `rayseg doctor {out}` lists them)" if len(problems) > 1 else ""
+        raise PseudoLabelError(f"pseudo-labels {out}: {problems[0]}{more}")
+    return read_meta(out) or {}
+
+
+def verify_pseudo_labels(out: str | Path, data_root: str | Path | None = None,
+                         split: str | None = None) -> tuple[list[str], list[str]]:
+    """(problems, notes) of a pseudo-label folder against its pseudo.json and its dataset's
+    manifest: incomplete labelling, a scene without a file, unreadable files, wrong scene or point
+    count, files of another source, a region column recomputed with other parameters since.
+    Notes: the checkpoint changed or gone, the run trained on since (not wrong, worth knowing)."""
+    from rayseg.data import shards
+
+    out = Path(out)
+    if not out.is_dir():
+        return [f"{out}: pseudo-label folder does not exist"], []
+    try:
+        meta = read_meta(out)
+    except PseudoLabelError as exc:
+        return [str(exc)], []
+    if meta is None:
+        return [f"{out / META_FILE}: missing: not a complete `rayseg pseudo-label` output"], []
+    problems, notes = [], []
+    source = meta.get("source")
+    settings = meta.get("settings", {})
+    if source is None:
+        problems.append(f"{out / META_FILE}: no source recorded (an older rayseg): nothing proves which "
+                        "checkpoint made the files; relabel with `rayseg pseudo-label RUN --out DIR --overwrite`")
+    if not meta.get("complete"):
+        problems.append(f"{out / META_FILE}: labelling did not finish (re-run `rayseg pseudo-label`)")
+    root = Path(data_root or settings.get("dataset") or meta.get("dataset", ""))
+    split = split or settings.get("split") or meta.get("split")
+    manifest = shards.load_manifest(root)
+    entries = [e for e in manifest["scenes"] if e["split"] == split]
+    for e in entries:
+        path = pseudo_path(out, split, e["scene_id"])
+        try:
+            read_pseudo(path, e["scene_id"], e.get("num_points"), source if source is not None else None)
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append(str(exc))
+    listed = {e["scene_id"] for e in entries}
+    for extra in sorted((out / split).glob("*.parquet")) if (out / split).is_dir() else []:
+        if extra.stem not in listed:
+            problems.append(f"{extra}: no scene {extra.stem!r} in split {split!r} of {root}")
+    region_column = settings.get("region_column")
+    if region_column and (root / "partitions.json").is_file():
+        from rayseg.partition.job import load_sidecar
+
+        now = load_sidecar(root)["methods"].get(region_column, {}).get("hash")
+        if now != settings.get("region_params"):
+            problems.append(f"{out}: made with region_{region_column} of parameters {settings.get('region_params')}, "
+                            f"the dataset's region_{region_column} is now {now}: relabel (--overwrite)")
+    ckpt = meta.get("checkpoint", {})
+    if isinstance(ckpt, dict) and ckpt.get("path"):
+        path = Path(ckpt["path"])
+        if not path.is_file():
+            notes.append(f"checkpoint {path} no longer exists (labels stay valid; sha256 {str(ckpt.get('sha256'))[:12]})")
+        elif shards.sha256_file(path) != ckpt.get("sha256"):
+            problems.append(f"checkpoint {path} has changed since it made these labels (sha256 differs)")
+        run_dir = Path(meta.get("run_dir", ""))
+        if run_dir.is_dir():
+            from rayseg.train.loop import latest_checkpoint
+
+            newest = latest_checkpoint(run_dir)
+            if newest is not None and newest != path:
+                notes.append(f"run {run_dir} has a newer checkpoint {newest.parent.name} than the one these "
+                             f"labels come from ({path.parent.name})")
+    return problems, notes
 
 
 def evaluate_pseudo_labels(out: str | Path, data_root: str | Path, split: str, class_names) -> "object":
@@ -154,10 +358,13 @@ def evaluate_pseudo_labels(out: str | Path, data_root: str | Path, split: str, c
     from rayseg import metrics as M
     from rayseg.data import shards
 
+    meta = read_meta(out) or {}
+    source = meta.get("source")  # every file must come from the source pseudo.json names
     conf = torch.zeros(len(class_names), len(class_names), dtype=torch.int64)
     for path in shards.scene_paths(data_root, split):
         scene = shards.read_scene(path, ["scene_id", "label"])
-        pl = read_pseudo(pseudo_path(out, split, scene["scene_id"]), scene["scene_id"], scene["label"].shape[0])
+        pl = read_pseudo(pseudo_path(out, split, scene["scene_id"]), scene["scene_id"], scene["label"].shape[0],
+                         source)
         conf += M.confusion_matrix(torch.from_numpy(pl.astype(np.int64)),
                                    torch.from_numpy(scene["label"].astype(np.int64)), len(class_names))
     return conf

@@ -276,3 +276,89 @@ def test_resume_takes_the_most_advanced_checkpoint_that_loads(tmp_path, capsys):
     (ray_dir / "state.pt").write_bytes(b"not a checkpoint")
     path, state = resume_state(ray_dir / "state.pt", run)  # Ray's unreadable: the run directory's
     assert path.parent.name.startswith("000000002") and state["w"].tolist() == [2.0, 2.0]
+
+
+def _untrained_run(cfg, seed: int) -> Path:
+    """A run directory whose one checkpoint holds a real, seeded, untrained teacher: what
+    pseudo-labelling needs, without minutes of training. Two seeds = two different checkpoints."""
+    from rayseg.models.twobranch import TwoBranchModel
+
+    run_dir = launch.new_run_dir(cfg, "train")
+    torch.manual_seed(seed)
+    teacher = TwoBranchModel(cfg.model, len(shards.load_manifest(cfg.data.root)["class_names"]))
+    ckpt = run_dir / "checkpoints" / "000000004-cmg_rpc-e0001"
+    ckpt.mkdir(parents=True)
+    torch.save({"teacher": teacher.state_dict(), "progress": {"step": 4}}, ckpt / "state.pt")
+    return run_dir
+
+
+def test_pseudo_labels_of_another_checkpoint_are_refused_or_redone(tiny, tmp_path, capsys):
+    """Issue 18: `pseudo-label OTHER_RUN --out EXISTING` said "4 of 4 scenes already done" and kept
+    the first run's labels under a pseudo.json naming the second. Now labels carry their source
+    (checkpoint sha256 + settings): another source is refused, or relabelled with overwrite, and a
+    file of another source planted in a folder is named by every reader."""
+    from rayseg import cli
+    from rayseg import pseudo
+
+    cfg, _ = tiny
+    run_a, run_b = _untrained_run(cfg, 1), _untrained_run(cfg, 2)
+    out = tmp_path / "pl"
+    first = pseudo.make_pseudo_labels(run_a, out)
+    assert first["labelled"] == 4 and first["complete"]
+    files = {p.name: p.read_bytes() for p in sorted((out / "train").glob("*.parquet"))}
+    assert len(files) == 4 and all(pseudo.file_source(out / "train" / n) == first["source"] for n in files)
+
+    with pytest.raises(pseudo.PseudoLabelError, match=rf"checkpoint: {run_a}.*there, {run_b}.*now"):
+        pseudo.make_pseudo_labels(run_b, out)
+    assert {p.name: p.read_bytes() for p in (out / "train").glob("*.parquet")} == files  # untouched
+    assert cli.main(["pseudo-label", str(run_b), "--out", str(out), "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--overwrite" in err
+
+    # Same checkpoint, another setting that decides the labels (the pooling mode): refused too.
+    cfg_b = launch.load_run(run_b)
+    (run_b / "config.toml").write_text(cfgmod.dumps(cfgmod.replace(cfg_b, **{"loss.rpc.mode": "point"})))
+    with pytest.raises(pseudo.PseudoLabelError, match=r"mode: 'region' there, 'point' now"):
+        pseudo.make_pseudo_labels(run_b, out)
+    (run_b / "config.toml").write_text(cfgmod.dumps(cfg_b))
+
+    second = pseudo.make_pseudo_labels(run_b, out, overwrite=True)
+    assert second["labelled"] == 4 and second["source"] != first["source"]
+    assert all(pseudo.file_source(p) == second["source"] for p in (out / "train").glob("*.parquet"))
+    assert pseudo.verify_pseudo_labels(out)[0] == []
+    assert pseudo.make_pseudo_labels(run_b, out)["labelled"] == 0  # resumable as before
+
+    # One file of run A put back: a mixed folder. Every reader names the file.
+    planted = sorted(files)[0]
+    (out / "train" / planted).write_bytes(files[planted])
+    problems, _ = pseudo.verify_pseudo_labels(out)
+    assert len(problems) == 1 and planted in problems[0] and "another checkpoint or settings" in problems[0]
+    names = shards.load_manifest(cfg.data.root)["class_names"]
+    with pytest.raises(pseudo.PseudoLabelError, match=planted):
+        pseudo.evaluate_pseudo_labels(out, cfg.data.root, "train", names)
+    capsys.readouterr()
+    assert cli.main(["segment", str(run_b / "config.toml"), "--pseudo-labels", str(out)]) == 2
+    assert planted in capsys.readouterr().err
+    assert cli.main(["doctor", str(out)]) == 1
+    assert planted in capsys.readouterr().out
+    with pytest.raises(pseudo.PseudoLabelError, match=planted):
+        pseudo.make_pseudo_labels(run_b, out)  # refused, not silently kept
+
+
+def test_fresh_run_failing_early_is_marked_failed(tiny, tmp_path):
+    """Issue 18: a fresh run whose first step after the MLflow run starts (the tag-prior line
+    over the train tags) fails stayed RUNNING in MLflow; it must read FAILED."""
+    import shutil
+
+    cfg, _ = tiny
+    data = tmp_path / "data"
+    shutil.copytree(cfg.data.root, data)
+    for victim in sorted((data / "train").glob("*.parquet")):
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # every train shard truncated
+    bad = cfgmod.replace(cfg, **{"data.root": str(data), "ray.max_failures": 0, "name": "early-fail"})
+    with pytest.raises(Exception, match="unreadable parquet"):
+        launch.train(bad)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path(cfg.tracking.runs_dir).resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName LIKE 'early-fail-train-%'")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"

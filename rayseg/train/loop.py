@@ -144,19 +144,77 @@ def pixel_tags(view_tags: torch.Tensor, view_offset: torch.Tensor, hw: int) -> t
 # --------------------------------------------------------------------------------------------
 
 
+def shift_voxels(coord: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """(M, 4) [batch, x, y, z] voxel coords + one random integer offset in [0, max_shift) per
+    axis for the whole batch (the reference's per-step shift: the networks see every parity of
+    coordinates under their stride-2 convolutions). max_shift 0 = unchanged."""
+    if max_shift <= 0:
+        return coord
+    shift = torch.randint(0, max_shift, (3,), generator=generator).to(coord.device, coord.dtype)
+    return torch.cat([coord[:, :1], coord[:, 1:] + shift], dim=1)
+
+
+def guidance_terms(model, b: dict, out3: dict, out2: dict, cfg: cfgmod.Config, active: tuple[str, ...],
+                   generator: torch.Generator, world: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Lcon3D / Lcon2D as the reference computes them: a pool of links per scene (one link per
+    voxel and view, at most max_links_per_view per view, views with <= min_links_per_view links
+    skipped), then max_pairs pairs drawn from the pool separately for each direction; per-scene
+    losses summed over the batch (loss.guidance.scene_reduction 'sum'). Gradients are averaged
+    over the Ray Train workers, so each worker's sum is scaled by the world size: the update is
+    then the sum over the global batch whatever the number of workers. Returns (terms, floats to
+    log: each term's value per scene, comparable with ln(max_pairs) at chance)."""
+    g = cfg.loss.guidance
+    num_voxels = out3["feat"].shape[0]
+    is_rep = torch.zeros(b["inverse"].shape[0], dtype=torch.bool, device=b["inverse"].device)
+    is_rep[L.voxel_representatives(b["inverse"], num_voxels)] = True
+    pool, pool_offset = L.link_pool(b["link_point"], b["link_view"], b["teacher_point_offset"], g.max_links_per_view,
+                                    g.min_links_per_view, generator, keep_point=is_rep)
+    lp, lv, lpx = b["link_point"][pool], b["link_view"][pool], b["link_pixel"][pool]
+    height, width = b["images"].shape[-2:]
+    vox = b["inverse"][lp]
+    f3 = out3["feat"][vox]
+    f2 = model.sample_2d(out2["feat"], lv, lpx, (height, width))
+    logit3 = out3["logits"][vox]
+    logit2 = pixel_rows(out2["logits"])[lv * height * width + lpx]
+    pair_tags = L.gather_tags(b["teacher_tags"], b["teacher_point_offset"])[lp]
+    scale = float(world) if g.scene_reduction == "sum" else 1.0
+    terms, log = {}, {}
+    for term, variant, mine_feat, other_feat, project, mine_logit, other_logit in (
+            ("con_3d", g.loss_3d, f3, f2, model.project_3d, logit3, logit2),
+            ("con_2d", g.loss_2d, f2, f3, model.project_2d, logit2, logit3)):
+        if term not in active:
+            continue
+        rows, pair_offset = L.draw_pairs(pool_offset, g.max_pairs, generator)
+        if variant in ("contrastive", "mse"):
+            inputs = {"query": project(mine_feat[rows]), "target": other_feat[rows]}
+        elif variant == "affinity":
+            inputs = {"query": mine_feat[rows], "target": other_feat[rows]}
+        else:
+            inputs = {"logits": mine_logit[rows], "target_logits": other_logit[rows], "pair_tags": pair_tags[rows]}
+        value = L.guidance_loss(variant, pair_offset, temperature=g.temperature, reduction=g.scene_reduction, **inputs)
+        terms[term] = value * scale
+        scenes = int((L.counts_from_offset(pair_offset) > 0).sum())
+        log[f"{term}_per_scene"] = float(value.detach()) / max(1, scenes if g.scene_reduction == "sum" else 1)
+    return terms, log
+
+
 def two_branch_step(model, teacher, b: dict, cfg: cfgmod.Config, stage: str, stage_step: int,
-                    thresholds: dict[str, L.ThresholdState], generator: torch.Generator,
+                    thresholds: dict[str, L.ThresholdState], generator: torch.Generator, world: int = 1,
                     ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
-    """Eq. 9 on one batch. Returns (loss, floats to log, accepted counts per RPC side)."""
+    """Eq. 9 on one batch. Returns (loss, floats to log, accepted counts per RPC side).
+    3D rows are voxels, as in the reference: Lcls pools voxel logits, guidance pairs voxels with
+    pixels, and RPC compares the student's voxel logits with the teacher's probabilities at each
+    voxel's first point (its region id read there too)."""
     lc = cfg.loss
     has_2d = cfg.data.num_views > 0 and "images" in b and b["images"].shape[0] > 0
     active = L.active_terms(lc, stage, has_2d)
     terms: dict[str, torch.Tensor] = {}
     accepted: dict[str, torch.Tensor] = {}
+    extra_log: dict[str, float] = {}
+    max_shift = cfg.augment.voxel_shift if cfg.augment.enabled else 0
 
-    out3 = model.forward_3d(b["coord"], b["feat"])
-    point_logits = out3["logits"][b["inverse"]]
-    point_feat = out3["feat"][b["inverse"]]
+    out3 = model.forward_3d(shift_voxels(b["coord"], max_shift, generator), b["feat"])
+    num_voxels = out3["logits"].shape[0]
     if "cls_3d" in active:
         terms["cls_3d"] = L.multilabel_cls_loss(out3["logits"], b["offset"], b["tags"])
 
@@ -168,37 +226,19 @@ def two_branch_step(model, teacher, b: dict, cfg: cfgmod.Config, stage: str, sta
             terms["cls_2d"] = L.multilabel_cls_loss_2d(out2["logits"], b["teacher_view_offset"], b["teacher_view_tags"],
                                                         b["view_valid"])
         if "con_3d" in active or "con_2d" in active:
-            sel, pair_offset = L.sample_link_pairs(b["link_point"], b["link_view"], b["teacher_point_offset"],
-                                                   lc.guidance.max_pairs, lc.guidance.min_links_per_view, generator)
-            lp, lv, lpx = b["link_point"][sel], b["link_view"][sel], b["link_pixel"][sel]
-            f3 = point_feat[lp]
-            f2 = model.sample_2d(out2["feat"], lv, lpx, (height, width))
-            logit3 = point_logits[lp]
-            logit2 = pixel_rows(out2["logits"])[lv * height * width + lpx]
-            pair_tags = L.gather_tags(b["teacher_tags"], b["teacher_point_offset"])[lp]
-            for term, variant, mine_feat, other_feat, project, mine_logit, other_logit in (
-                    ("con_3d", lc.guidance.loss_3d, f3, f2, model.project_3d, logit3, logit2),
-                    ("con_2d", lc.guidance.loss_2d, f2, f3, model.project_2d, logit2, logit3)):
-                if term not in active:
-                    continue
-                if variant in ("contrastive", "mse"):
-                    terms[term] = L.guidance_loss(variant, pair_offset, query=project(mine_feat), target=other_feat,
-                                                  temperature=lc.guidance.temperature)
-                elif variant == "affinity":
-                    terms[term] = L.guidance_loss(variant, pair_offset, query=mine_feat, target=other_feat)
-                else:
-                    terms[term] = L.guidance_loss(variant, pair_offset, logits=mine_logit,
-                                                  target_logits=other_logit, pair_tags=pair_tags)
+            con, extra_log = guidance_terms(model, b, out3, out2, cfg, active, generator, world)
+            terms.update(con)
 
     if "rpc_3d" in active or "rpc_2d" in active:
         with torch.no_grad():
-            t3 = teacher.forward_3d(b["teacher_coord"], b["teacher_feat"])
+            t3 = teacher.forward_3d(shift_voxels(b["teacher_coord"], max_shift, generator), b["teacher_feat"])
         if "rpc_3d" in active:
-            row_tags = L.gather_tags(b["teacher_tags"], b["teacher_point_offset"])
-            label, mask = L.rpc_targets(t3["logits"][b["teacher_inverse"]], row_tags, b["teacher_region"],
+            first = L.voxel_representatives(b["inverse"], num_voxels)  # student voxel -> its first point
+            row_tags = L.gather_tags(b["teacher_tags"], b["teacher_point_offset"])[first]
+            label, mask = L.rpc_targets(t3["logits"][b["teacher_inverse"][first]], row_tags, b["teacher_region"][first],
                                         thresholds["3d"].thresholds(), lc.rpc.mode)
-            terms["rpc_3d"] = L.rpc_loss(point_logits, label, mask)
-            accepted["3d"] = L.accepted_counts(label, mask, point_logits.shape[1])
+            terms["rpc_3d"] = L.rpc_loss(out3["logits"], label, mask)
+            accepted["3d"] = L.accepted_counts(label, mask, out3["logits"].shape[1])
         if "rpc_2d" in active:
             with torch.no_grad():
                 t2 = teacher.forward_2d(b["teacher_images"])
@@ -208,11 +248,12 @@ def two_branch_step(model, teacher, b: dict, cfg: cfgmod.Config, stage: str, sta
                                         thresholds["2d"].thresholds(), lc.rpc.mode)
             mask &= b["view_valid"].reshape(-1)  # removed structures: their tags are cleared
             terms["rpc_2d"] = L.rpc_loss(pixel_rows(out2["logits"]), label, mask)
-            accepted["2d"] = L.accepted_counts(label, mask, point_logits.shape[1])
+            accepted["2d"] = L.accepted_counts(label, mask, out3["logits"].shape[1])
 
     loss, log = L.total_loss(terms, lc, stage, stage_step, has_2d)
+    log.update(extra_log)
     for side, counts in accepted.items():
-        log[f"rpc_{side}_kept"] = float(counts.sum()) / max(1, (point_logits.shape[0] if side == "3d"
+        log[f"rpc_{side}_kept"] = float(counts.sum()) / max(1, (num_voxels if side == "3d"
                                                               else b["images"].shape[0] * height * width))
     return loss, log, accepted
 
@@ -365,6 +406,14 @@ def build_models(cfg: cfgmod.Config, num_classes: int, stage: str):
     return student, make_teacher(student)
 
 
+def make_optimizer(params: list[torch.nn.Parameter], cfg: cfgmod.Config, stage: str) -> torch.optim.SGD:
+    """One SGD over both branches at the stage's base learning rate (the poly schedule sets it
+    every step). Each stage starts a fresh one (no momentum carried over), as the reference's
+    stage cmg_rpc is a new run started from stage cmg's weights."""
+    return torch.optim.SGD(params, lr=stage_schedule(cfg, stage)[1], momentum=cfg.optim.momentum,
+                           weight_decay=cfg.optim.weight_decay)
+
+
 def log_tag_prior(cfg: cfgmod.Config, tracker) -> float:
     """Log and print Lcls of the scene-blind tag-frequency predictor over the train split (tags
     only): the reference line below which cls_3d / cls_2d show that the networks recognise
@@ -383,7 +432,7 @@ def train_func(loop_config: dict) -> None:
     "stages": ["cmg", "cmg_rpc"] or ["seg"], "run_name": str, "parent_run_id": str | None}."""
     import ray.train
 
-    from rayseg.train.tracking import Tracker
+    from rayseg.train.tracking import epoch_metrics, stage_tracker, step_metrics
 
     cfg = cfgmod.build(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
@@ -404,8 +453,7 @@ def train_func(loop_config: dict) -> None:
     if teacher is not None:
         teacher.to(device)
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=stage_schedule(cfg, stages[0])[1], momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
+    optimizer = make_optimizer(params, cfg, stages[0])
     thresholds = {side: L.ThresholdState.from_config(cfg.loss.rpc, num_classes) for side in ("3d", "2d")}
     progress = Progress()
 
@@ -428,20 +476,24 @@ def train_func(loop_config: dict) -> None:
     if state is not None and state.get("generator") is not None:
         generator.set_state(state["generator"][rank] if rank < len(state["generator"]) else state["generator"][0])
 
-    tracker = Tracker(cfg, loop_config["run_name"], enabled=(rank == 0), run_id=progress.mlflow_run_id,
-                      parent_run_id=loop_config.get("parent_run_id"),
-                      tags={"rayseg.stages": ",".join(stages), "rayseg.run_dir": str(run_dir),
-                            "rayseg.region_column": cfg.data.region_column,
-                            "rayseg.oracle": str(stages != ["seg"] and is_oracle(cfg.data.region_column)).lower()})
-    progress.mlflow_run_id = tracker.run_id
-    if rank == 0 and state is None and stages != ["seg"]:
-        log_tag_prior(cfg, tracker)
-
+    # MLflow (rank 0): one child run per stage under the pipeline run, reattached on resume
+    # (tracking.stage_tracker); steps continue across stages (loop_config["step_offset"] first).
+    stage_tags = {"rayseg.region_column": cfg.data.region_column,
+                  "rayseg.oracle": str(stages != ["seg"] and is_oracle(cfg.data.region_column)).lower()}
+    tracker = None
     try:
         while progress.stage_index < len(stages):
             stage = stages[progress.stage_index]
             scfg = stage_config(cfg, stage)
+            tracker = stage_tracker(scfg, run_dir, stage, enabled=(rank == 0), tags=stage_tags,
+                                    parent_run_id=loop_config.get("parent_run_id"),
+                                    step_offset=loop_config.get("step_offset", 0))
+            progress.mlflow_run_id = tracker.run_id or progress.mlflow_run_id
+            if rank == 0 and state is None and progress.step == 0 and stage != "seg":
+                log_tag_prior(cfg, tracker)
             epochs, base_lr = stage_schedule(cfg, stage)
+            if progress.stage_index > 0 and progress.stage_step == 0:
+                optimizer = make_optimizer(params, cfg, stage)  # a fresh SGD per stage, as the reference
             per_rank_batch = max(1, cfg.optim.batch_size // world)
             n_train = len(pipeline.plan(scfg.data.root, scfg.data.train_split, scfg, "train", 0, cfg.seed).paths)
             steps_per_loop = math.ceil((n_train // world if world > 1 else n_train) / per_rank_batch)
@@ -462,9 +514,10 @@ def train_func(loop_config: dict) -> None:
                             loss, log = seg_step(student, b)
                             accepted = {}
                         else:
-                            teacher.eval()
+                            teacher_batch_bn = cfg.loss.rpc.teacher_bn == "batch_first_epoch" and progress.epoch == 0
+                            teacher.train(teacher_batch_bn)
                             loss, log, accepted = two_branch_step(student, teacher, b, scfg, stage,
-                                                                  progress.stage_step, thresholds, generator)
+                                                                  progress.stage_step, thresholds, generator, world)
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         average_gradients(params, world)
@@ -479,8 +532,7 @@ def train_func(loop_config: dict) -> None:
                         for k, v in log.items():
                             sums[k] = sums.get(k, 0.0) + v
                         sums["_n"] = sums.get("_n", 0) + 1
-                        tracker.log_metrics({f"{stage}/{k}": v for k, v in log.items()} | {f"{stage}/lr": lr},
-                                            progress.step)
+                        tracker.log_metrics(step_metrics(stage, log, lr), progress.step)
                         if rank == 0 and time.time() - last_print > PROGRESS_SECONDS:
                             last_print = time.time()
                             done = progress.stage_step / total_steps
@@ -498,10 +550,11 @@ def train_func(loop_config: dict) -> None:
                                                   cfg.data.monitor_scenes)
                     for side, c in conf.items():
                         if int(c.sum()):
-                            vals = tracker.log_confusion(c, class_names, f"pseudo_{side}", progress.step) \
+                            vals = tracker.log_confusion(c, class_names, f"pseudo_{side}", progress.step,
+                                                         epoch=progress.epoch + 1) \
                                 if rank == 0 else M.metrics_dict(c, class_names, prefix=f"pseudo_{side}_")
                             report[f"pseudo_miou_{side}"] = vals[f"pseudo_{side}_miou"]
-                tracker.log_metrics(summary, progress.step)
+                tracker.log_metrics(epoch_metrics(stage, summary, progress.epoch + 1), progress.step)
                 progress.epoch += 1
                 progress.history.append({"stage": stage, "epoch": progress.epoch, **report})
                 if rank == 0:
@@ -520,9 +573,11 @@ def train_func(loop_config: dict) -> None:
             progress.stage_index += 1
             progress.epoch = 0
             progress.stage_step = 0
-        tracker.end("FINISHED")
+            tracker.end("FINISHED")
+            tracker = None
     except BaseException:
-        tracker.end("FAILED")
+        if tracker is not None:
+            tracker.end("FAILED")
         raise
 
 
