@@ -151,6 +151,18 @@ def test_second_run_skips_and_names_the_corrupt_line(raw_s3dis, prepared):
     assert "ceiling_1.txt:2" in summary.failed["Area_2_storage_1"]
 
 
+def test_other_settings_into_a_prepared_folder_are_refused(raw_s3dis, prepared, capsys):
+    before = (prepared["out"] / "manifest.json").read_bytes()
+    assert cli.main(["prepare", "s3dis", "--raw", str(raw_s3dis["v12"]), "--images", str(raw_s3dis["images"]),
+                     "--out", str(prepared["out"]), "--image-size", f"{2 * OUT}x{OUT}"]) == 2
+    err = capsys.readouterr().err
+    assert f"image_width: {OUT} there, {2 * OUT} now" in err and "image_height" not in err
+    assert cli.main(["prepare", "s3dis", "--raw", str(raw_s3dis["v12"]), "--out", str(prepared["out"]),
+                     "--image-size", f"{OUT}x{OUT}"]) == 2  # 3D only into a folder with views
+    assert "with_views: True there, False now" in capsys.readouterr().err
+    assert (prepared["out"] / "manifest.json").read_bytes() == before
+
+
 def test_bad_inputs_are_named(tmp_path):
     ann = tmp_path / "Area_1" / "room_1" / "Annotations"
     ann.mkdir(parents=True)

@@ -57,6 +57,7 @@ inwards).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -514,4 +515,6 @@ def prepare_s3dis(raw: str | Path, images: str | Path | None, out_root: str | Pa
         "depth": "2D-3D-S PNG / 512 m, 65535 missing -> 0",
         **notes,
     }
-    return run_prepare(out_root, tasks, "s3dis13", metadata=metadata)
+    # What the records depend on: a folder prepared otherwise is refused, not topped up.
+    settings = {"reader": "s3dis", **dataclasses.asdict(opts), "with_views": images is not None}
+    return run_prepare(out_root, tasks, "s3dis13", metadata=metadata, settings=settings)
