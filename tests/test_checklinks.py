@@ -49,10 +49,17 @@ def test_aligned_scannet_passes_with_a_clear_gap(tmp_path, scannet_scenes, capsy
     assert cli.main(["check-links", str(root), "--scenes", "5"]) == 0
     out = capsys.readouterr().out
     assert "verdict: aligned" in out and "scene0000_00" in out and "scene0001_00" in out
-    report = checklinks.check_links(root, checklinks.CheckLinksOptions())
+    assert "link|d-z|: median |depth - z| of the accepted links (<= 0.05 m)" in out
+    opts = checklinks.CheckLinksOptions()
+    report = checklinks.check_links(root, opts)
     for r in report["scenes"]:
-        assert r["linked_fraction"] > 0.1 and r["median_depth_error"] < 0.03
+        assert r["linked_fraction"] > 0.1 and r["median_window_error"] < 0.03
         assert r["color_diff"] < 0.5 * r["shuffled_color_diff"]
+        # The accepted links' figure is its own number: within tol, and below the window's, which
+        # also counts occluded candidates (on the real scene: 1.5 cm against 3.7 cm).
+        assert r["median_link_error"] <= opts.tol and r["median_link_error"] < r["median_window_error"]
+        row = next(line for line in out.splitlines() if line.startswith(r["scene_id"]))
+        assert f"{r['median_link_error']:.4f}" in row.split() and f"{r['median_window_error']:.3f}" in row.split()
 
 
 def test_poses_left_in_scan_frame_fail(tmp_path, scannet_scenes, capsys):
@@ -70,10 +77,10 @@ def test_s3dis_passes_and_transposed_pose_fails(tmp_path, capsys):
     opts = checklinks.CheckLinksOptions()
     ok, broken = checklinks.scene_link_stats(good, opts), checklinks.scene_link_stats(bad, opts)
     assert ok["aligned"] and not broken["aligned"]
-    assert ok["color_ratio"] < 0.5 and ok["median_depth_error"] < 0.05
+    assert ok["color_ratio"] < 0.5 and ok["median_window_error"] < 0.05
     # A transposed rotation looks elsewhere: only chance links, depth errors spread over the
     # candidate window (median ~ half of it), or no candidate at all (median NaN).
-    assert broken["links"] < opts.min_links and not broken["median_depth_error"] <= 0.15
+    assert broken["links"] < opts.min_links and not broken["median_window_error"] <= 0.15
     assert cli.main(["check-links", str(_dataset(tmp_path / "ok", [good], "s3dis13"))]) == 0
     assert cli.main(["check-links", str(_dataset(tmp_path / "ko", [bad], "s3dis13"))]) == 1
     assert "MISALIGNED" in capsys.readouterr().out
