@@ -301,3 +301,57 @@ def test_report_on_the_sweep(swept, tmp_path, capsys):
             key not in best.data.metrics
     logged = {a.path for a in client.list_artifacts(swept["result"]["parent_run_id"], "report")}
     assert {"report/report.md", "report/report.csv", "report/tiny-sweep.png", "report/best_per_class_iou.csv"} <= logged
+
+
+INTERRUPTED_TOML = """\
+extends = "base.toml"
+name = "tiny-interrupted"
+
+[tracking]
+experiment = "tiny-interrupted"
+
+[tune]
+max_concurrent = 1
+
+[grid]
+'loss.rpc.eta' = [0.0, 0.8]
+"""
+
+
+def test_interrupted_sweep_is_not_reported_as_a_success(tiny):
+    """Issue 18: after Ctrl+C a sweep exited 0, its MLflow parent FINISHED with
+    rayseg.failed_trials=0 and "1 trials" for a 2-point grid. Now: nonzero exit, the parent
+    KILLED with both trials counted unfinished, no child left RUNNING, and doctor says so."""
+    from rayseg import cli
+
+    tmp, _ = tiny
+    sweep_file = write(tmp / "interrupted.toml", INTERRUPTED_TOML)
+    sweep_dir = tmp / "runs" / "sweep-interrupted"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    log_path = tmp / "interrupted.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "rayseg", "tune", str(sweep_file), "--name", sweep_dir.name],
+                                cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while not list(sweep_dir.glob(f"{tune.TRIALS_DIR}/t000-*/config.toml")):  # the first trial runs
+                assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-4000:]
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)  # Ctrl+C: Tune stops gracefully and returns
+            code = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log_path.read_text()
+    assert code == 1, text[-4000:]
+    assert "2 trials: 2 unfinished" in text and "--resume --name sweep-interrupted" in text
+    client = _client(tmp)
+    exp = client.get_experiment_by_name("tiny-interrupted")
+    (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.rayseg.sweep_role = 'parent'")
+    assert parent.info.status == "KILLED"
+    tags = parent.data.tags
+    assert (tags["rayseg.unfinished_trials"], tags["rayseg.complete_trials"], tags["rayseg.failed_trials"]) == ("2", "0", "0")
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert all(c.info.status != "RUNNING" for c in children)
+    assert cli.main(["doctor", str(sweep_dir)]) == 1

@@ -24,8 +24,11 @@ retried trial that finds its result.json reports it again and returns; one inter
 resumes from its newest checkpoint.
 
 MLflow: one parent run per sweep (tags rayseg.sweep, rayseg.grid_keys, rayseg.file; one param per
-point, ``trial/NNN``) and one child run per trial (the training loop's run, tag mlflow.parentRunId;
-its params are the trial's full config, grid point included).
+point, ``trial/NNN``), one child run per trial (tags rayseg.trial_index / rayseg.grid_point; its
+params are the trial's full config, grid point included; the final pseudo-label / val mIoU that
+`rayseg report` tabulates), and under each trial its stage runs (cmg, cmg_rpc, pseudo_label,
+seg), as for `rayseg train` (rayseg.train.tracking). The trial's run is recorded in its
+directory's mlflow.json, so a retried or resumed trial logs into the same runs.
 """
 
 from __future__ import annotations
@@ -397,7 +400,7 @@ def run_trial(config: dict, sweep: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from rayseg.train import launch
+    from rayseg.train import launch, tracking
     from rayseg.train.loop import latest_checkpoint
 
     trial = config["trial"]
@@ -412,24 +415,26 @@ def run_trial(config: dict, sweep: dict) -> None:
     if not (trial_dir / launch.RUN_CONFIG_FILE).is_file():
         _write_atomic(trial_dir / launch.RUN_CONFIG_FILE, cfgmod.dumps(cfg))
 
-    # 1. stages cmg -> cmg_rpc (resumes from the trial's newest checkpoint after an interruption)
-    ckpt = latest_checkpoint(trial_dir)
-    resumed_run = _load_state(ckpt)["progress"]["mlflow_run_id"] if ckpt else None
-    _supersede_stale_runs(cfg, sweep["parent_run_id"], trial_dir.name, keep=resumed_run)
-    stages = [s for s, n in (("cmg", cfg.optim.cmg_epochs), ("cmg_rpc", cfg.optim.cmg_rpc_epochs)) if n]
-    t0 = time.time()
-    launch.fit(cfg, trial_dir, stages, parent_run_id=sweep["parent_run_id"], callbacks=[TuneReportCallback()])
-    t_train = time.time() - t0
-    progress = _load_state(latest_checkpoint(trial_dir))["progress"]
-    history = [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in progress["history"]]
-    child_run = progress["mlflow_run_id"]
+    # The trial's MLflow run (child of the sweep; reused by a retried or resumed trial).
     tags = {TAG_SWEEP: sweep["name"], TAG_TRIAL: str(trial["index"]), TAG_POINT: json.dumps(trial["point"])}
-    client = _mlflow_client(cfg)
-    for k, v in tags.items():
-        client.set_tag(child_run, k, v)
+    child_run = tracking.open_pipeline(cfg, trial_dir, "trial", parent_run_id=sweep["parent_run_id"],
+                                       run_name=trial_dir.name, tags=tags)
+    _supersede_stale_runs(cfg, sweep["parent_run_id"], trial_dir.name, keep=child_run)
+    try:
+        # 1. stages cmg -> cmg_rpc (resumes from the trial's newest checkpoint after an interruption)
+        stages = [s for s, n in (("cmg", cfg.optim.cmg_epochs), ("cmg_rpc", cfg.optim.cmg_rpc_epochs)) if n]
+        t0 = time.time()
+        launch.fit(cfg, trial_dir, stages, parent_run_id=child_run, callbacks=[TuneReportCallback()])
+        t_train = time.time() - t0
+        progress = _load_state(latest_checkpoint(trial_dir))["progress"]
+        history = [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in progress["history"]]
+        launch.log_run_model(cfg, trial_dir, "teacher")
 
-    # 2. pseudo-labels of the train split and their mIoU vs GT (evaluation only)
-    metrics = finish_trial(cfg, trial_dir, child_run, progress["step"])
+        # 2. pseudo-labels of the train split and their mIoU vs GT (evaluation only)
+        metrics = finish_trial(cfg, trial_dir, child_run, progress["step"])
+    except BaseException:
+        tracking.end_run(cfg, child_run, "FAILED")
+        raise
     final = {**(history[-1] if history else {}), **metrics}
     final.pop("epoch", None)
     _write_atomic(result_file, json.dumps({"point": trial["point"], "mlflow_run_id": child_run,
@@ -447,12 +452,13 @@ def _load_state(path: Path | None) -> dict:
 
 def finish_trial(cfg: cfgmod.Config, trial_dir: Path, child_run: str, step: int) -> dict[str, float]:
     """Pseudo-labels + their mIoU (3D over the written labels, 2D from the teacher), and with
-    tune.with_seg stage seg + its val mIoU. Logged to the trial's child run; returns Tune metrics."""
+    tune.with_seg stage seg + its val mIoU. Stage runs pseudo_label (and seg) under the trial's run
+    `child_run`, which gets the final numbers (what `rayseg report` reads) and is ended here.
+    Returns Tune metrics."""
     import ray
 
     from rayseg import metrics as M
     from rayseg.data import shards
-    from rayseg.pseudo import evaluate_pseudo_labels, make_pseudo_labels
     from rayseg.train import launch
     from rayseg.train.tracking import Tracker
 
@@ -465,24 +471,30 @@ def finish_trial(cfg: cfgmod.Config, trial_dir: Path, child_run: str, step: int)
                                                         scheduling_strategy="DEFAULT")
         conf2_ref = task.remote(str(trial_dir))
     pl_dir = trial_dir / "pseudo_labels"
-    make_pseudo_labels(trial_dir, pl_dir)  # resumable: labelled scenes are kept
-    conf3 = evaluate_pseudo_labels(pl_dir, cfg.data.root, cfg.data.train_split, names)
+    pl = launch.pseudo_label(trial_dir, pl_dir, parent_run_id=child_run)  # resumable: labelled scenes are kept
+    conf3 = pl["conf"]
     tracker = Tracker(cfg, trial_dir.name, run_id=child_run)
     out = {"pseudo_final_miou_3d": tracker.log_confusion(conf3, names, "pseudo_final_3d", step)["pseudo_final_3d_miou"]}
     if conf2_ref is not None:
         conf2 = ray.get(conf2_ref)
+        stage_run = Tracker(cfg, "pseudo_label", run_id=pl["run_id"])
+        stage_run.log_confusion(conf2, names, "pseudo_final_2d", 0)
+        stage_run.end()
         out["pseudo_final_miou_2d"] = tracker.log_confusion(conf2, names, "pseudo_final_2d", step)["pseudo_final_2d_miou"]
     if cfg.tune.with_seg:
         from rayseg.evaluate import evaluate_run
+        from rayseg.train.loop import latest_checkpoint
 
         seg_cfg = cfgmod.replace(cfg, **{"data.pseudo_labels": str(pl_dir)})
         seg_dir = trial_dir / f"seg-{trial_dir.name}"  # the directory names the MLflow run
         if not (seg_dir / launch.RUN_CONFIG_FILE).is_file():
             _write_atomic(seg_dir / launch.RUN_CONFIG_FILE, cfgmod.dumps(seg_cfg))
-        launch.fit(seg_cfg, seg_dir, ["seg"], parent_run_id=child_run)  # a grandchild run of the sweep
+        # stage seg: a grandchild run of the sweep, its steps after the teacher's
+        launch.fit(seg_cfg, seg_dir, ["seg"], parent_run_id=child_run, step_offset=step)
         result = evaluate_run(seg_dir, cfg.data.val_split)
         print(result["tables"], flush=True)
-        out["val_miou_3d"] = tracker.log_confusion(result["3d"], names, "val_3d", step)["val_3d_miou"]
+        seg_steps = launch.checkpoint_step(latest_checkpoint(seg_dir))
+        out["val_miou_3d"] = tracker.log_confusion(result["3d"], names, "val_3d", step + seg_steps)["val_3d_miou"]
     tracker.end()
     print(M.iou_table(conf3, names, title=f"{trial_dir.name}: pseudo-labels vs GT, train split (evaluation only)"),
           flush=True)
@@ -499,17 +511,13 @@ def _start_parent_run(sweep: Sweep) -> str:
     grid point (trial/NNN = the point as JSON), the base config as params."""
     from mlflow.entities import Param
 
-    from rayseg.train.tracking import artifact_location
+    from rayseg.train.tracking import experiment_id, source_tags
 
     cfg = sweep.config
     client = _mlflow_client(cfg)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg))
-    else:
-        exp_id = exp.experiment_id
+    exp_id = experiment_id(client, cfg)  # created if missing, tagged for the model-training view
     run = client.create_run(exp_id, run_name=sweep.name, tags={
-        "mlflow.runName": sweep.name, TAG_SWEEP: sweep.name, TAG_ROLE: "parent",
+        **source_tags(), "mlflow.runName": sweep.name, TAG_SWEEP: sweep.name, TAG_ROLE: "parent",
         TAG_GRID_KEYS: json.dumps(sweep.grid_keys), "rayseg.file": sweep.file,
         "rayseg.sweep_dir": str(sweep.sweep_dir), "rayseg.trials": str(len(sweep.points))})
     params = [Param(f"trial/{i:03d}", json.dumps(p)[:6000]) for i, p in enumerate(sweep.points)]
@@ -574,42 +582,87 @@ def run_sweep(sweep: Sweep) -> dict:
     client = _mlflow_client(cfg)
     try:
         grid = tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl+C: Tune gave up stopping gracefully
+        client.set_tag(parent_run_id, "rayseg.unfinished_trials", "unknown (interrupted)")
+        client.set_terminated(parent_run_id, status="KILLED")
+        raise
     except BaseException:
         client.set_terminated(parent_run_id, status="FAILED")
         raise
-    results = []
+    results = trial_outcomes(sweep, grid)
+    errors = sum(1 for r in results if r["status"] == "error")
+    unfinished = sum(1 for r in results if r["status"] == "unfinished")
+    _close_unfinished_children(client, parent_run_id)
+    for status in ("complete", "stopped", "error", "unfinished"):
+        client.set_tag(parent_run_id, f"rayseg.{status}_trials" if status != "error" else "rayseg.failed_trials",
+                       str(sum(1 for r in results if r["status"] == status)))
+    # A sweep with a failed trial is FAILED; one stopped before every trial ended (Ctrl+C, a lost
+    # driver) is KILLED: neither reads as a finished sweep whose table is complete.
+    client.set_terminated(parent_run_id, status="FAILED" if errors else "KILLED" if unfinished else "FINISHED")
+    print(format_results(sweep, results), flush=True)
+    return {"sweep_dir": sweep.sweep_dir, "parent_run_id": parent_run_id, "results": results, "errors": errors,
+            "unfinished": unfinished}
+
+
+def trial_outcomes(sweep: Sweep, grid) -> list[dict]:
+    """One entry per grid point, in index order: {"index", "point", "metrics", "error", "status"}
+    with status 'complete' (its result.json exists: the trial's own proof of completion),
+    'error' (failed for good), 'stopped' (ended early by the ASHA scheduler, a normal outcome),
+    or 'unfinished' (interrupted, or never started: Tune creates grid trials lazily, so an
+    interrupted sweep's result grid may hold fewer trials than the grid has points)."""
+    by_index: dict[int, dict] = {}
     for r in grid:
         trial = (r.config or {}).get("trial", {})
         error = [line for line in str(r.error).splitlines() if line.strip()][-1] if r.error else None
-        results.append({"index": trial.get("index"), "point": trial.get("point"), "metrics": dict(r.metrics or {}),
-                        "error": error})
-    results.sort(key=lambda r: (r["index"] is None, r["index"]))
-    errors = sum(1 for r in results if r["error"])
-    _close_unfinished_children(client, parent_run_id)
-    client.set_tag(parent_run_id, "rayseg.failed_trials", str(errors))
-    client.set_terminated(parent_run_id, status="FAILED" if errors else "FINISHED")
-    print(format_results(sweep, results), flush=True)
-    return {"sweep_dir": sweep.sweep_dir, "parent_run_id": parent_run_id, "results": results, "errors": errors}
+        by_index[trial.get("index")] = {"metrics": dict(r.metrics or {}), "error": error}
+    # Tune's own trial states (TERMINATED = ended normally, by completion or by the scheduler);
+    # the ResultGrid has no public per-trial status.
+    analysis = getattr(grid, "_experiment_analysis", None)
+    terminated = {(t.config or {}).get("trial", {}).get("index") for t in getattr(analysis, "trials", [])
+                  if t.status == "TERMINATED"}
+    out = []
+    for index, point in enumerate(sweep.points):
+        r = by_index.get(index, {"metrics": {}, "error": None})
+        done = (sweep.sweep_dir / TRIALS_DIR / trial_dir_name(index, point) / RESULT_FILE).is_file()
+        if done:
+            status = "complete"
+        elif r["error"]:
+            status = "error"
+        elif sweep.config.tune.asha and index in terminated:
+            status = "stopped"
+        else:
+            status = "unfinished"
+        out.append({"index": index, "point": point, **r, "status": status})
+    return out
 
 
 def _close_unfinished_children(client, parent_run_id: str) -> None:
-    """Child runs still RUNNING when the sweep ends belong to trials that ASHA stopped or that
-    failed for good: mark them KILLED (their metrics so far stay)."""
+    """Trial runs (and their stage runs) still RUNNING when the sweep ends belong to trials that
+    ASHA stopped or that failed for good: mark them KILLED (their metrics so far stay)."""
     parent = client.get_run(parent_run_id)
     for run in client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"):
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, status="KILLED")
+        if run.data.tags.get(TAG_TRIAL) is not None:
+            _close_unfinished_children(client, run.info.run_id)
 
 
 def format_results(sweep: Sweep, results: list[dict]) -> str:
     """A plain summary of the sweep's trials (the paper-style table is `rayseg report`)."""
     metric_names = [m for m in cfgmod.TUNE_FINAL_METRICS if any(m in r["metrics"] for r in results)]
-    lines = [f"sweep {sweep.name}: {len(results)} trials (pseudo-label mIoU uses GT: evaluation only)"]
+    counts = {s: sum(1 for r in results if r.get("status") == s) for s in ("complete", "stopped", "error", "unfinished")}
+    lines = [f"sweep {sweep.name}: {len(results)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+             + " (pseudo-label mIoU uses GT: evaluation only)"]
     for r in results:
         values = " ".join(f"{m}={100 * r['metrics'][m]:.1f}" for m in metric_names if m in r["metrics"])
+        status = r.get("status", "")
         lines.append(f"  t{r['index']:03d} {_point_text(r['point'] or {})}: {values or 'no result'}"
-                     + (f"  ERROR {r['error'][:200]}" if r["error"] else ""))
+                     + (f"  ERROR {r['error'][:200]}" if r["error"] else "")
+                     + ("  UNFINISHED" if status == "unfinished" else "  stopped by ASHA" if status == "stopped" else ""))
+    if counts["unfinished"]:
+        lines.append(f"{counts['unfinished']} trial(s) unfinished: the sweep was interrupted; continue it with "
+                     f"`rayseg tune {sweep.file or 'FILE'} --resume --name {sweep.name}`")
     exp_name = sweep.config.tracking.experiment
     lines.append(f"table: rayseg report --experiment {exp_name}")
     return "\n".join(lines)
