@@ -238,12 +238,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
         shards.scene_paths(cfg.data.root, split)  # missing / truncated shards named before Ray reads them
         pipeline.plan(cfg.data.root, split, cfg, args.mode, args.epoch)  # named errors before Ray starts
         if args.ray:
-            import os
+            from rayseg.raylocal import init_ray
 
-            import ray
-
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(address=cfg.ray.address or None, include_dashboard=False)
+            init_ray(cfg.ray.address)  # a local Ray listens on 127.0.0.1 only
         pipeline.stream(cfg, split, args.mode, args.epoch, use_ray=args.ray, max_batches=args.batches)
     except (FileNotFoundError, pipeline.PipelineError, shards.ShardError, SceneError) as exc:
         print(f"stream: {exc}", file=sys.stderr)

@@ -114,7 +114,9 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
-        ray.init(include_dashboard=False)
+        from rayseg.raylocal import init_local
+
+        init_local()  # listening on 127.0.0.1 only
 
 
 def _remove_stale_temps(root: Path, older_than: float) -> None:

@@ -234,7 +234,9 @@ def ensure_ray(address: str = "") -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False)
+        from rayseg.raylocal import init_local
+
+        init_local()  # listening on 127.0.0.1 only
 
 
 def run_partition(root: str | Path, methods: list[str], cfg: cfgmod.Config, force: bool = False,

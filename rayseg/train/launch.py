@@ -44,8 +44,9 @@ def init_ray(cfg: cfgmod.Config) -> None:
         # passing our own here would make Ray refuse to merge the two.
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, resources={TRAIN_DRIVER_RESOURCE: 100}, runtime_env=env,
-                 log_to_driver=True)
+        from rayseg.raylocal import init_local
+
+        init_local(resources={TRAIN_DRIVER_RESOURCE: 100}, runtime_env=env, log_to_driver=True)  # on 127.0.0.1
 
 
 def check_dataset(cfg: cfgmod.Config) -> dict:
