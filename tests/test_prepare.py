@@ -200,3 +200,13 @@ def test_prepare_synthetic_cli_writes_generator_scenes_and_resumes(tmp_path, ray
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
     assert cli.main(argv[:-4] + ["--image-size", "40by30"]) == 2
     assert "--image-size: expected WxH" in capsys.readouterr().err
+
+    # A 13-class scene dropped into the folder: re-running prepare used to list it in the manifest.
+    foreign = tiny_scene("Area_1_office_1")
+    foreign["tags"] = foreign["tags"][:13]
+    shards.write_scene(out, foreign)
+    manifest_before = (out / shards.MANIFEST_NAME).read_text()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "train/Area_1_office_1.parquet: 13 class tags, but this is a scannet20 dataset" in err
+    assert (out / shards.MANIFEST_NAME).read_text() == manifest_before

@@ -172,6 +172,13 @@ def run_prepare(out_root: str | Path, tasks: list[SceneTask], profile: str,
         pass  # no (usable) manifest yet: every existing shard is re-validated in full
     if settings is not None:
         metadata = {**(metadata or {}), "settings": settings}
+    # Shards that no task will (re)write must belong to this dataset, else the manifest written at
+    # the end would refuse them: say so now, before any work (task paths are re-validated anyway).
+    foreign = shards.foreign_shards(root, profile, skip={shards.scene_path("", t.split, t.scene_id).as_posix()
+                                                         for t in tasks})
+    if foreign:
+        raise ValueError(f"{root} holds {len(foreign)} file(s) that are not scenes of this {profile} dataset "
+                         "(move them out, or prepare into another --out):\n  " + "\n  ".join(foreign))
 
     import ray
 

@@ -466,24 +466,48 @@ def _manifest_lock(root: Path) -> Iterator[None]:
 def _file_entry(root: Path, path: Path, cached: dict | None) -> dict:
     """Manifest entry of one shard; the sha256 is reused when size and mtime are unchanged."""
     stat = path.stat()
-    rel = path.relative_to(root).as_posix()
     if (cached and cached.get("bytes") == stat.st_size and cached.get("mtime_ns") == stat.st_mtime_ns
             and "num_tags" in cached):
         return cached
+    return {**shard_facts(root, path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sha256": sha256_file(path)}
+
+
+def shard_facts(root: Path, path: Path) -> dict:
+    """What a shard says about itself (scene, split, sizes, class count, schema, regions), read
+    from its small columns only; ``missing_columns`` lists absent required columns."""
     columns = shard_columns(path)
     table = _read_table(path, [c for c in ("scene_id", "split", "schema_version", "num_points", "num_views",
                                            "tags") if c in columns])
     row = _table_row(table)
     tags = _npy_array(row["tags"], f"shard {path}: tags") if "tags" in row else None
     return {
-        "path": rel, "scene_id": row.get("scene_id", path.stem), "split": row.get("split", path.parent.name),
+        "path": path.relative_to(root).as_posix(), "scene_id": row.get("scene_id", path.stem),
+        "split": row.get("split", path.parent.name),
         "num_points": row.get("num_points"), "num_views": row.get("num_views"),
         "num_tags": None if tags is None else int(tags.shape[0]),
         "schema_version": row.get("schema_version"),
         "regions": sorted(c[len("region_"):] for c in columns if c.startswith("region_")),
-        "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path),
         "missing_columns": [c for c in REQUIRED_COLUMNS if c not in columns],
     }
+
+
+def foreign_shards(root: str | Path, profile: str, skip: set[str] = frozenset()) -> list[str]:
+    """'<rel path>: why' for each shard in ROOT (except the ``skip`` relative paths) that does not
+    belong in a ``profile`` dataset (see _foreign_reason), or does not read."""
+    root = Path(root)
+    out = []
+    for path in _disk_shards(root):
+        rel = path.relative_to(root).as_posix()
+        if rel in skip:
+            continue
+        try:
+            why = _foreign_reason(shard_facts(root, path), profile)
+        except (ShardError, OSError) as exc:
+            why = f"unreadable ({exc})"
+        if why:
+            out.append(f"{rel}: {why}")
+    return out
 
 
 def _foreign_reason(entry: dict, profile: str) -> str:
