@@ -12,21 +12,19 @@ Batch conventions (shared with ``rayseg.data.pipeline``):
 - links: ``link_point`` (K,) batch point, ``link_view`` (K,) batch view, ``link_pixel`` (K,) flat
   pixel y * W + x at H x W.
 
-One training step wires them like this (3D rows = points; voxel outputs are read through
-``inverse``; the 2D branch uses ``view_tags``):
+One training step wires them like this (``rayseg.train.loop.two_branch_step``; 3D rows are the
+student's voxels, as in the reference; ``first`` = voxel_representatives(inverse, M)):
 
     lcls3 = multilabel_cls_loss(logits3_vox, offset, tags)
     lcls2 = multilabel_cls_loss_2d(logits2, view_offset, view_tags)
-    sel, pair_offset = sample_link_pairs(link_point, link_view, point_offset, max_pairs,
-                                         min_links_per_view, generator)
-    vox = inverse[link_point[sel]]
-    f2 = gather_pixels(feat2, link_view[sel], link_pixel[sel], (H, W))
-    lcon3 = guidance_loss("contrastive", pair_offset, query=proj3d(feat3_vox[vox]), target=f2)
-    lcon2 = guidance_loss("contrastive", pair_offset, query=proj2d(f2), target=feat3_vox[vox])
-    label, mask = rpc_targets(t_logits3_vox[t_inverse], gather_tags(t_tags, t_point_offset),
-                              region, state3.thresholds(), mode)
+    pool, pool_offset = link_pool(link_point, link_view, point_offset, max_links_per_view,
+                                  min_links_per_view, generator, keep_point=is_first_point)
+    rows, pair_offset = draw_pairs(pool_offset, max_pairs, generator)   # once per direction
+    lcon3 = guidance_loss("contrastive", pair_offset, query=proj3d(f3[rows]), target=f2[rows])
+    label, mask = rpc_targets(t_logits3_vox[t_inverse[first]], row_tags[first], region[first],
+                              state3.thresholds(), mode)
     state3.update(metrics.all_reduce_sum(accepted_counts(label, mask, C)))
-    lrpc3 = rpc_loss(logits3_vox[inverse], label, mask)
+    lrpc3 = rpc_loss(logits3_vox, label, mask)
     total, log = total_loss({...}, cfg.loss, stage, step)
 
 Nothing here reads ground truth: pseudo-labels come from the teacher's logits and scene tags only.
@@ -213,8 +211,8 @@ class ThresholdState:
     travels in checkpoints through state_dict / load_state_dict.
 
     - adaptive: T[c] = eta * Q[c] / max(Q). While max(Q) == 0 (the first step) the ratio 0/0 is
-      defined as 0, so T = 0 and every row passes (the mask is prob > T and the argmax probability
-      of a masked softmax is >= 1/C > 0). Later, a class never accepted has T[c] = 0 as well.
+      defined as 0, so T = 0 and every row passes (the mask is prob >= T). Later, a class never
+      accepted has T[c] = 0 as well.
     - fixed: T[c] = eta for every class (Q is still counted, for logging).
     """
 
@@ -278,7 +276,7 @@ def rpc_targets(teacher_logits: torch.Tensor, row_tags: torch.Tensor, region: to
     region (N,) ids (-1 = none; ignored in 'point' mode), thresholds (C,) from ThresholdState.
     mode 'region': masked-softmax probabilities are mean-pooled within regions before the argmax
     and the threshold test; 'point': no pooling. A row is kept iff its (pooled) probability of
-    the chosen class c is > T[c]."""
+    the chosen class c is >= T[c] (the reference's test)."""
     if mode not in ("region", "point"):
         raise ValueError(f"rpc mode must be 'region' or 'point', got {mode!r}")
     with torch.no_grad():
@@ -288,7 +286,7 @@ def rpc_targets(teacher_logits: torch.Tensor, row_tags: torch.Tensor, region: to
                 raise ValueError("rpc mode 'region' needs a region tensor")
             probs = region_mean(probs, region.to(probs.device))
         confidence, label = probs.max(dim=1)
-        mask = confidence > thresholds.to(probs.device)[label]
+        mask = confidence >= thresholds.to(probs.device)[label]
     return label, mask
 
 
@@ -311,16 +309,29 @@ def rpc_loss(student_logits: torch.Tensor, label: torch.Tensor, mask: torch.Tens
 # --------------------------------------------------------------------------------------------
 
 
-def sample_link_pairs(link_point: torch.Tensor, link_view: torch.Tensor, point_offset: torch.Tensor,
-                      max_pairs: int, min_links_per_view: int,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose the point-pixel links used by the guidance losses.
+def voxel_representatives(inverse: torch.Tensor, num_voxels: int) -> torch.Tensor:
+    """The first point (lowest index) of every voxel: (M,) point indices from inverse (N,) point ->
+    voxel row. The reference keeps one point per voxel (its voxeliser's unique index) and reads
+    links and region ids from it; rayseg uses the first point of the voxel for the same role."""
+    inverse = inverse.long()
+    first = torch.full((num_voxels,), len(inverse), dtype=torch.long, device=inverse.device)
+    return first.scatter_reduce_(0, inverse, torch.arange(len(inverse), device=inverse.device), "amin")
+
+
+def link_pool(link_point: torch.Tensor, link_view: torch.Tensor, point_offset: torch.Tensor,
+              max_links_per_view: int, min_links_per_view: int, generator: torch.Generator | None = None,
+              keep_point: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The links cross-modal guidance draws its pairs from, per view as the reference does.
 
     Links are rows (point index into the batch's points, view index into the batch's views).
-    Links of views with fewer than min_links_per_view links are dropped; then each scene keeps
-    at most max_pairs of its remaining links, drawn uniformly without replacement with
-    `generator` (deterministic for a seeded CPU generator). Returns (selected link indices,
-    sorted within each scene, on the links' device; pair_offset (B,) cumulative pair counts)."""
+    1. keep_point (N,) bool, optional: only links of these points count (the training step passes
+       the voxels' representative points, so that a voxel has at most one link per view, as in
+       the reference where links belong to voxels);
+    2. views with at most min_links_per_view links are skipped (the reference: `> 64` keeps);
+    3. every remaining view keeps at most max_links_per_view of its links, drawn uniformly
+       without replacement with `generator` (deterministic for a seeded CPU generator).
+    Returns (link indices grouped by scene, views in batch order, links sorted within a view;
+    pool_offset (B,) cumulative pool sizes per scene), both on the links' device."""
     device = link_point.device
     point = link_point.detach().long().cpu()
     view = link_view.detach().long().cpu()
@@ -329,21 +340,42 @@ def sample_link_pairs(link_point: torch.Tensor, link_view: torch.Tensor, point_o
         raise ValueError(f"link_point {tuple(point.shape)} and link_view {tuple(view.shape)} differ")
     if len(point) and (point.min() < 0 or point.max() >= (offset[-1] if len(offset) else 0)):
         raise ValueError("link_point holds indices outside the batch's points")
-    if len(view):
-        per_view = torch.bincount(view)
-        keep = per_view[view] >= min_links_per_view
-    else:
-        keep = torch.zeros(0, dtype=torch.bool)
-    scene = torch.searchsorted(offset, point, right=True)
-    chosen, counts = [], []
-    for b in range(len(offset)):
-        candidates = torch.nonzero(keep & (scene == b)).squeeze(1)
-        if len(candidates) > max_pairs:
-            pick = torch.randperm(len(candidates), generator=generator)[:max_pairs]
-            candidates = candidates[pick].sort().values
-        chosen.append(candidates)
-        counts.append(len(candidates))
-    selected = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
+    candidates = torch.arange(len(point))
+    if keep_point is not None:
+        candidates = candidates[keep_point.detach().cpu()[point]]
+    chosen = []
+    if len(candidates):
+        by_view = candidates[torch.argsort(view[candidates], stable=True)]
+        counts = torch.bincount(view[by_view])
+        for rows in by_view.split(counts.tolist()):
+            if len(rows) <= min_links_per_view:
+                continue
+            if len(rows) > max_links_per_view:
+                rows = rows[torch.randperm(len(rows), generator=generator)[:max_links_per_view]].sort().values
+            chosen.append(rows)
+    pool = torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
+    # Views of a scene follow each other, so the pool is grouped by scene already.
+    scene = torch.searchsorted(offset, point[pool], right=True)
+    pool_offset = torch.cumsum(torch.bincount(scene, minlength=len(offset)), 0)
+    return pool.to(device), pool_offset.to(device)
+
+
+def draw_pairs(pool_offset: torch.Tensor, max_pairs: int,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most max_pairs rows of each scene's pool, uniformly without replacement (sorted within
+    the scene). The reference draws the pairs of each guidance direction separately: call this
+    once per direction. Returns (rows into the pool, pair_offset (B,) cumulative pair counts)."""
+    device = pool_offset.device
+    offset = pool_offset.detach().long().cpu()
+    starts = torch.cat([offset.new_zeros(1), offset[:-1]])
+    rows, counts = [], []
+    for start, end in zip(starts.tolist(), offset.tolist()):
+        scene_rows = torch.arange(start, end)
+        if len(scene_rows) > max_pairs:
+            scene_rows = scene_rows[torch.randperm(len(scene_rows), generator=generator)[:max_pairs]].sort().values
+        rows.append(scene_rows)
+        counts.append(len(scene_rows))
+    selected = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
     return selected.to(device), torch.cumsum(torch.tensor(counts, dtype=torch.long), 0).to(device)
 
 
@@ -388,11 +420,12 @@ GUIDANCE_VARIANTS = ("contrastive", "mse", "affinity", "cam")
 def guidance_loss(variant: str, pair_offset: torch.Tensor, *, query: torch.Tensor | None = None,
                   target: torch.Tensor | None = None, logits: torch.Tensor | None = None,
                   target_logits: torch.Tensor | None = None, pair_tags: torch.Tensor | None = None,
-                  temperature: float = 0.07) -> torch.Tensor:
-    """One direction of cross-modal guidance, computed per scene and averaged over the scenes
-    that have at least one pair (sampled by sample_link_pairs; rows of every tensor below are
-    those pairs, grouped by scene as pair_offset says). For Lcon3D "this branch" is 3D and the
-    other is 2D; for Lcon2D the reverse.
+                  temperature: float = 0.07, reduction: str = "sum") -> torch.Tensor:
+    """One direction of cross-modal guidance, computed per scene and then summed (reduction
+    'sum', the reference's `cmg_loss`: a batch of 4 scenes weighs 4x one scene) or averaged
+    ('mean') over the scenes that have at least one pair (drawn by link_pool / draw_pairs; rows
+    of every tensor below are those pairs, grouped by scene as pair_offset says). For Lcon3D
+    "this branch" is 3D and the other is 2D; for Lcon2D the reverse.
 
     Inputs by variant:
     - 'contrastive', 'mse': query = this branch's projection-head output at the pairs (P, D_other),
@@ -415,6 +448,8 @@ def guidance_loss(variant: str, pair_offset: torch.Tensor, *, query: torch.Tenso
         anchor = logits
     else:
         raise ValueError(f"unknown guidance variant {variant!r} (choose from {', '.join(GUIDANCE_VARIANTS)})")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"guidance reduction must be 'sum' or 'mean', got {reduction!r}")
     num_pairs = int(pair_offset[-1]) if len(pair_offset) else 0
     if num_pairs != anchor.shape[0]:
         raise ValueError(f"pair_offset covers {num_pairs} pairs but inputs have {anchor.shape[0]} rows")
@@ -434,7 +469,7 @@ def guidance_loss(variant: str, pair_offset: torch.Tensor, *, query: torch.Tenso
             per_scene.append(cam_guidance(logits[rows], target_logits[rows], pair_tags[rows]))
     if not per_scene:
         return anchor.sum() * 0.0
-    return torch.stack(per_scene).mean()
+    return torch.stack(per_scene).sum() if reduction == "sum" else torch.stack(per_scene).mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,12 +509,25 @@ def active_terms(cfg: LossConfig, stage: str, has_2d: bool = True) -> tuple[str,
     return tuple(terms)
 
 
-def term_weights(cfg: LossConfig, step: int) -> dict[str, float]:
-    """Eq. 9 weights at `step` (steps since the start of the current stage, as the training loop
-    counts them): 1 for cls, alpha * warm-up for con, beta * warm-up for rpc."""
-    alpha = cfg.guidance.alpha * warmup_weight(step, cfg.guidance.warmup_steps)
-    beta = cfg.rpc.beta * warmup_weight(step, cfg.rpc.warmup_steps)
-    return {"cls_3d": 1.0, "cls_2d": 1.0, "con_3d": alpha, "con_2d": alpha, "rpc_3d": beta, "rpc_2d": beta}
+def term_weights(cfg: LossConfig, stage: str, step: int) -> dict[str, float]:
+    """Eq. 9 weights at `step` (steps since the start of the current stage, counted from 0), with
+    the reference's warm-ups (each stage is a fresh run there, so its ramps count from the
+    stage's first step):
+
+    - stage cmg: cls = min(step / cls_warmup_steps, 1) (0 at the first step: the reference
+      counts a step after using it); con = alpha * min((step + 1) / guidance.warmup_steps, 1);
+    - stage cmg_rpc: cls and con at full weight (not ramped again: they were on in stage cmg);
+      rpc = beta * min((step + 1) / rpc.warmup_steps, 1).
+
+    A warm-up of 0 steps means full weight from the first step."""
+    if stage == "cmg":
+        cls = warmup_weight(step, cfg.cls_warmup_steps)
+        con = warmup_weight(step + 1, cfg.guidance.warmup_steps)
+    else:
+        cls, con = 1.0, 1.0
+    rpc = warmup_weight(step + 1, cfg.rpc.warmup_steps)
+    alpha, beta = cfg.guidance.alpha * con, cfg.rpc.beta * rpc
+    return {"cls_3d": cls, "cls_2d": cls, "con_3d": alpha, "con_2d": alpha, "rpc_3d": beta, "rpc_2d": beta}
 
 
 def total_loss(terms: dict[str, torch.Tensor], cfg: LossConfig, stage: str, step: int,
@@ -499,7 +547,7 @@ def total_loss(terms: dict[str, torch.Tensor], cfg: LossConfig, stage: str, step
     if not active:
         raise ValueError(f"stage {stage!r}: every loss term is switched off (loss.cls_3d, loss.cls_2d, "
                          f"loss.guidance.loss_3d/loss_2d, loss.rpc.enabled_3d/enabled_2d)")
-    weights = term_weights(cfg, step)
+    weights = term_weights(cfg, stage, step)
     total = sum(weights[t] * terms[t] for t in active)
     log = {"loss": float(total.detach())}
     for name, value in terms.items():

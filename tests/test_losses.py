@@ -155,10 +155,14 @@ def test_fixed_threshold_ignores_counts():
     probs = torch.tensor([[0.75, 0.25], [0.6, 0.4], [0.2, 0.8], [0.35, 0.65]])
     label, mask = losses.rpc_targets(probs.log(), torch.ones(4, 2), None, state.thresholds(), mode="point")
     assert label.tolist() == [0, 0, 1, 1] and mask.tolist() == [True, False, True, False]
-    # Eq. 7 is strict: with eta = 1 even a probability of exactly 1 (exp(-200) underflows) fails
+    # the reference's test is >=: with eta = 1 a probability of exactly 1 (exp(-200) underflows)
+    # passes, and a probability exactly at the threshold passes
     certain = torch.tensor([[0.0, -200.0]])
     _, mask = losses.rpc_targets(certain, torch.ones(1, 2), None, torch.ones(2), mode="point")
-    assert losses.masked_softmax(certain, torch.ones(1, 2))[0, 0].item() == 1.0 and not mask.any()
+    assert losses.masked_softmax(certain, torch.ones(1, 2))[0, 0].item() == 1.0 and mask.all()
+    half = torch.tensor([[0.0, 0.0]])  # masked softmax (0.5, 0.5), argmax class 0
+    assert losses.rpc_targets(half, torch.ones(1, 2), None, torch.tensor([0.5, 0.9]), "point")[1].item()
+    assert not losses.rpc_targets(half, torch.ones(1, 2), None, torch.tensor([0.5001, 0.0]), "point")[1].item()
     adaptive = losses.ThresholdState.from_config(RPCConfig(eta=0.7, threshold="adaptive"), 2)
     adaptive.update(torch.tensor([10, 0]))
     _, mask = losses.rpc_targets(probs.log(), torch.ones(4, 2), None, adaptive.thresholds(), mode="point")
@@ -279,9 +283,26 @@ def test_contrastive_guidance_matches_reimplementation_per_scene():
             total += top + math.log(sum(math.exp(s - top) for s in sims)) - sims[i]
         return total / len(qn)
 
-    expected = (info_nce(query[:4], target[:4]) + info_nce(query[4:], target[4:])) / 2
+    per_scene = info_nce(query[:4], target[:4]) + info_nce(query[4:], target[4:])
     got = losses.guidance_loss("contrastive", pair_offset, query=query, target=target, temperature=tau)
-    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert got.item() == pytest.approx(per_scene, rel=1e-5)  # the reference sums over scenes
+    mean = losses.guidance_loss("contrastive", pair_offset, query=query, target=target, temperature=tau,
+                                reduction="mean")
+    assert mean.item() == pytest.approx(per_scene / 2, rel=1e-5)  # two scenes have pairs
+
+
+def test_guidance_of_two_identical_scenes_is_twice_one_scene():
+    gen = torch.Generator().manual_seed(3)
+    query, target = torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen)
+    one = losses.guidance_loss("contrastive", torch.tensor([5]), query=query, target=target)
+    two = losses.guidance_loss("contrastive", torch.tensor([5, 10]), query=torch.cat([query, query]),
+                               target=torch.cat([target, target]))
+    assert two.item() == pytest.approx(2 * one.item(), rel=1e-6)
+    two_mean = losses.guidance_loss("contrastive", torch.tensor([5, 10]), query=torch.cat([query, query]),
+                                    target=torch.cat([target, target]), reduction="mean")
+    assert two_mean.item() == pytest.approx(one.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        losses.guidance_loss("contrastive", torch.tensor([5]), query=query, target=target, reduction="max")
 
 
 def test_mse_affinity_cam_hand_examples():
@@ -310,7 +331,7 @@ def test_guidance_loss_dispatch_and_errors():
     off = torch.tensor([2, 5])
     for variant, fn in (("mse", losses.mse_guidance), ("affinity", losses.affinity_guidance)):
         got = losses.guidance_loss(variant, off, query=q, target=k)
-        assert got.item() == pytest.approx(((fn(q[:2], k[:2]) + fn(q[2:], k[2:])) / 2).item(), rel=1e-6)
+        assert got.item() == pytest.approx((fn(q[:2], k[:2]) + fn(q[2:], k[2:])).item(), rel=1e-6)
     empty = losses.guidance_loss("contrastive", torch.tensor([0, 0]), query=q[:0], target=k[:0])
     assert empty.item() == 0.0 and empty.requires_grad  # keeps the graph for DDP
     with pytest.raises(ValueError, match="unknown guidance variant 'l1'"):
@@ -321,24 +342,41 @@ def test_guidance_loss_dispatch_and_errors():
         losses.guidance_loss("cam", off, query=q, target=k)
 
 
-def test_sample_link_pairs():
-    # scene 0 = points 0..9, scene 1 = points 10..14; views 0,1 in scene 0, view 2 in scene 1
-    link_point = torch.tensor(list(range(10)) * 2 + [10, 11, 12])
-    link_view = torch.tensor([0] * 10 + [1] * 10 + [2] * 3)
-    offset = torch.tensor([10, 15])
-    sel, pair_offset = losses.sample_link_pairs(link_point, link_view, offset, max_pairs=6, min_links_per_view=4,
-                                                generator=torch.Generator().manual_seed(0))
-    assert pair_offset.tolist() == [6, 6]  # view 2 has 3 < 4 links: scene 1 gets no pairs
-    assert (link_point[sel] < 10).all() and len(set(sel.tolist())) == 6
-    again, _ = losses.sample_link_pairs(link_point, link_view, offset, 6, 4, torch.Generator().manual_seed(0))
-    assert again.tolist() == sel.tolist()
-    draws = {tuple(losses.sample_link_pairs(link_point, link_view, offset, 6, 4,
-                                            torch.Generator().manual_seed(s))[0].tolist()) for s in range(5)}
-    assert len(draws) > 1  # the generator drives the choice
-    every, pair_offset = losses.sample_link_pairs(link_point, link_view, offset, 100, 0)
-    assert every.tolist() == list(range(23)) and pair_offset.tolist() == [20, 23]
+def test_voxel_representatives_are_first_points():
+    inverse = torch.tensor([2, 0, 2, 1, 0, 1])
+    assert losses.voxel_representatives(inverse, 3).tolist() == [1, 3, 0]
+
+
+def test_link_pool_per_view_then_pairs_per_direction():
+    # scene 0 = points 0..99, scene 1 = points 100..139; view 0 sees 80 points of scene 0, view 1
+    # sees 64 (exactly the minimum: skipped, the reference keeps views with > 64 links), view 2
+    # (scene 1) sees 40 (skipped)
+    link_point = torch.cat([torch.arange(80), torch.arange(20, 84), torch.arange(100, 140)])
+    link_view = torch.tensor([0] * 80 + [1] * 64 + [2] * 40)
+    offset = torch.tensor([100, 140])
+    pool, pool_offset = losses.link_pool(link_point, link_view, offset, max_links_per_view=50,
+                                         min_links_per_view=64, generator=torch.Generator().manual_seed(0))
+    assert pool_offset.tolist() == [50, 50]  # 50 of view 0's 80; views 1 and 2 skipped
+    assert (link_view[pool] == 0).all() and len(set(pool.tolist())) == 50
+    # keep_point: only links of the voxels' first points count (one link per voxel and view)
+    keep = torch.zeros(140, dtype=torch.bool)
+    keep[::2] = True
+    _, pool_offset = losses.link_pool(link_point, link_view, offset, 512, 20, keep_point=keep)
+    assert pool_offset.tolist() == [72, 72]  # view 2's 20 links are not > 20
+    pool, pool_offset = losses.link_pool(link_point, link_view, offset, 512, 19, keep_point=keep)
+    assert pool_offset.tolist() == [72, 92]  # view 0: 40, view 1: 32, view 2: 20 (all > 19)
+    assert (link_point[pool] % 2 == 0).all()
+    # pairs: at most max_pairs per scene, drawn separately per call (one call per direction)
+    gen = torch.Generator().manual_seed(1)
+    rows_3d, off_3d = losses.draw_pairs(pool_offset, 16, gen)
+    rows_2d, off_2d = losses.draw_pairs(pool_offset, 16, gen)
+    assert off_3d.tolist() == off_2d.tolist() == [16, 32]
+    assert (rows_3d[:16] < 72).all() and (rows_3d[16:] >= 72).all()
+    assert rows_3d.tolist() != rows_2d.tolist()  # independent draws
+    every, off = losses.draw_pairs(torch.tensor([3, 3, 5]), 10)
+    assert every.tolist() == [0, 1, 2, 3, 4] and off.tolist() == [3, 3, 5]
     with pytest.raises(ValueError, match="outside the batch"):
-        losses.sample_link_pairs(torch.tensor([15]), torch.tensor([0]), offset, 4, 0)
+        losses.link_pool(torch.tensor([140]), torch.tensor([0]), offset, 4, 0)
 
 
 def test_gather_pixels_from_coarse_map():
@@ -365,16 +403,38 @@ def test_warmup_weight():
     assert losses.warmup_weight(0, 0) == 1.0
 
 
+def test_warmups_across_the_stage_boundary():
+    # the reference: stage cmg ramps cls (step / 2400, counted after use) and CMG ((step + 1) /
+    # 2400); stage cmg_rpc keeps cls and CMG at full weight and ramps RPC ((step + 1) / 2400)
+    cfg = LossConfig(cls_warmup_steps=2400, guidance=GuidanceConfig(alpha=0.05, warmup_steps=2400),
+                     rpc=RPCConfig(beta=1.0, warmup_steps=2400))
+    w = losses.term_weights(cfg, "cmg", 0)
+    assert (w["cls_3d"], w["cls_2d"]) == (0.0, 0.0) and w["con_3d"] == pytest.approx(0.05 / 2400)
+    w = losses.term_weights(cfg, "cmg", 599)
+    assert w["cls_3d"] == pytest.approx(599 / 2400) and w["con_2d"] == pytest.approx(0.05 * 0.25)
+    w = losses.term_weights(cfg, "cmg", 5000)
+    assert w["cls_3d"] == 1.0 and w["con_3d"] == pytest.approx(0.05)
+    w = losses.term_weights(cfg, "cmg_rpc", 0)  # the next stage: no second ramp for cls / CMG
+    assert w["cls_3d"] == 1.0 and w["con_3d"] == pytest.approx(0.05) and w["rpc_3d"] == pytest.approx(1 / 2400)
+    w = losses.term_weights(cfg, "cmg_rpc", 1199)
+    assert w["rpc_2d"] == pytest.approx(0.5) and w["cls_2d"] == 1.0
+    off = losses.term_weights(LossConfig(cls_warmup_steps=0), "cmg", 0)
+    assert off["cls_3d"] == 1.0  # 0 = no ramp (rayseg before this change)
+
+
 def test_total_loss_eq9():
-    cfg = LossConfig(guidance=GuidanceConfig(alpha=0.05, warmup_steps=100), rpc=RPCConfig(beta=1.0, warmup_steps=200))
+    cfg = LossConfig(cls_warmup_steps=0, guidance=GuidanceConfig(alpha=0.05, warmup_steps=100),
+                     rpc=RPCConfig(beta=1.0, warmup_steps=200))
     terms = {name: torch.tensor(v) for name, v in zip(losses.TERMS, (1.0, 2.0, 3.0, 4.0, 5.0, 6.0))}
     stage1 = {k: v for k, v in terms.items() if not k.startswith("rpc")}
     total, log = losses.total_loss(stage1, cfg, "cmg", step=1000)
     assert total.item() == pytest.approx(1 + 2 + 0.05 * (3 + 4))
     assert log["loss"] == pytest.approx(total.item()) and log["loss/con_2d"] == 4.0
-    total, log = losses.total_loss(terms, cfg, "cmg_rpc", step=50)  # alpha half warmed, beta a quarter
-    assert total.item() == pytest.approx(1 + 2 + 0.025 * 7 + 0.25 * 11)
-    assert log["weight/rpc_3d"] == 0.25 and log["weight/con_3d"] == pytest.approx(0.025)
+    total, log = losses.total_loss(stage1, cfg, "cmg", step=49)  # alpha half warmed: (49 + 1) / 100
+    assert total.item() == pytest.approx(1 + 2 + 0.025 * 7)
+    total, log = losses.total_loss(terms, cfg, "cmg_rpc", step=49)  # alpha full, beta a quarter
+    assert total.item() == pytest.approx(1 + 2 + 0.05 * 7 + 0.25 * 11)
+    assert log["weight/rpc_3d"] == 0.25 and log["weight/con_3d"] == pytest.approx(0.05)
     total, _ = losses.total_loss(terms, cfg, "cmg", step=1000)  # rpc only in stage cmg_rpc
     assert total.item() == pytest.approx(1 + 2 + 0.05 * 7)
     with pytest.raises(ValueError, match=r"\['rpc_3d', 'rpc_2d'\] are switched on"):
@@ -418,7 +478,9 @@ def test_losses_on_cuda_match_cpu():
                                                 region=region, lp=link_point, lv=link_view).items()}
         row_tags = losses.gather_tags(d["tags"], d["offset"])
         label, mask = losses.rpc_targets(d["teacher"], row_tags, d["region"], state.thresholds(), "region")
-        sel, pair_offset = losses.sample_link_pairs(d["lp"], d["lv"], d["offset"], 8, 4, torch.Generator().manual_seed(1))
+        pool, pool_offset = losses.link_pool(d["lp"], d["lv"], d["offset"], 16, 4, torch.Generator().manual_seed(1))
+        rows, pair_offset = losses.draw_pairs(pool_offset, 8, torch.Generator().manual_seed(2))
+        sel = pool[rows]
         q = d["logits"][d["lp"][sel]]
         return [losses.multilabel_cls_loss(d["logits"], d["offset"], d["tags"]).item(),
                 losses.rpc_loss(d["logits"], label, mask).item(),

@@ -174,13 +174,21 @@ def test_two_branch_model_heads_and_pixel_sampling():
     assert p3.shape == (10, 512) and p2.shape == (8, 96)
     torch.testing.assert_close(p3.norm(dim=1), torch.ones(10))
     torch.testing.assert_close(p2.norm(dim=1), torch.ones(8))
-    # sampling the stride-8 map at full-resolution pixels = upsampling it and reading the pixels
+    # the reference reads pixel (row, col) of a W x H image at feature-map position
+    # (col (w - 1) / W, row (h - 1) / H), bilinearly (grid_sample, align_corners=True)
     fmap = torch.randn(3, 5, 30, 40, dtype=torch.float64, requires_grad=True)
     view = torch.tensor([2, 0, 1, 2, 0, 0])
     pixel = torch.tensor([0, 319, 239 * 320, 240 * 320 - 1, 12345, 777])
     sampled = sample_2d(fmap, view, pixel, (240, 320))
-    upsampled = F.interpolate(fmap, size=(240, 320), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(sampled, upsampled[view, :, pixel // 320, pixel % 320], rtol=1e-12, atol=1e-12)
+    for k in range(len(view)):
+        y, x = (pixel[k] // 320).item() * 29 / 240, (pixel[k] % 320).item() * 39 / 320
+        y0, x0 = int(y), int(x)
+        dy, dx = y - y0, x - x0
+        m = fmap[view[k]].detach()
+        expected = ((1 - dy) * (1 - dx) * m[:, y0, x0] + (1 - dy) * dx * m[:, y0, min(x0 + 1, 39)]
+                    + dy * (1 - dx) * m[:, min(y0 + 1, 29), x0] + dy * dx * m[:, min(y0 + 1, 29), min(x0 + 1, 39)])
+        torch.testing.assert_close(sampled[k].detach(), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sampled[0].detach(), fmap[2, :, 0, 0].detach())  # pixel (0, 0) = cell (0, 0)
     sampled.sum().backward()
     assert fmap.grad is not None and bool((fmap.grad[1] != 0).any())
     with pytest.raises(ValueError, match="pixel_flat out of range"):

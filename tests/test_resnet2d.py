@@ -58,6 +58,44 @@ def test_resnet50_and_101_are_dilated_with_2048_features():
     assert feats.shape == (1, 2048, 4, 6) and logits.shape == (1, 13, 32, 48)
 
 
+def test_reference_layout_keeps_the_features_signed():
+    torch.manual_seed(0)
+    signed = ResNet2D("resnet18", num_classes=20, init="none")
+    names = [name for name, _ in signed.backbone.named_children()]
+    assert names[:3] == ["conv1", "bn1", "maxpool"]  # the reference's stem: no ReLU
+    assert isinstance(signed.backbone.layer4[-1].relu, torch.nn.Identity)
+    assert isinstance(signed.backbone.layer4[0].relu, torch.nn.ReLU)  # only the last block loses it
+    torch.manual_seed(0)
+    rectified = ResNet2D("resnet18", num_classes=20, init="none", signed=False)
+    assert [n for n, _ in rectified.backbone.named_children()][:4] == ["conv1", "bn1", "relu", "maxpool"]
+    # the same parameters: a checkpoint of either layout loads into the other
+    rectified.backbone.load_state_dict(signed.backbone.state_dict())
+    images = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        f_signed, logits = signed(images)
+        f_rect, _ = rectified(images)
+    assert float((f_signed < 0).float().mean()) > 0.2  # layer4 features take negative values
+    assert float(f_rect.min()) >= 0.0
+    # logits are upsampled with align_corners=True: the image corners are the map's corners
+    coarse = signed.classifier(f_signed)
+    torch.testing.assert_close(logits[:, :, 0, 0], coarse[:, :, 0, 0])
+    torch.testing.assert_close(logits[:, :, -1, -1], coarse[:, :, -1, -1])
+
+
+def test_basic_block_resnets_dilate_their_first_conv_only():
+    for name in ("resnet18", "resnet34"):
+        model = ResNet2D(name, num_classes=20, init="none")
+        layer3, layer4 = model.backbone.layer3, model.backbone.layer4
+        assert layer3[0].conv1.stride == (1, 1) and layer3[0].conv1.dilation == (1, 1)
+        assert layer3[1].conv1.dilation == (2, 2) and layer3[1].conv1.padding == (2, 2)
+        assert layer4[0].conv1.dilation == (2, 2) and layer4[1].conv1.dilation == (4, 4)
+        for block in list(layer3) + list(layer4):
+            assert block.conv2.dilation == (1, 1) and block.conv2.padding == (1, 1)
+        with torch.no_grad():
+            feats, _ = model(torch.randn(1, 3, 32, 48))
+        assert feats.shape == (1, 512, 4, 6)  # output stride 8
+
+
 def test_local_checkpoints_torchvision_dino_and_moco(tmp_path):
     state = _torchvision_resnet34_state(seed=1)
     path = tmp_path / "torchvision.pth"
@@ -94,8 +132,8 @@ def test_checkpoint_errors_name_the_file_and_parameter(tmp_path):
         ResNet2D("resnet34", 20, init=str(path))
     with pytest.raises(FileNotFoundError, match="model.init_2d: checkpoint file not found: /no/such.pth"):
         ResNet2D("resnet34", 20, init="/no/such.pth")
-    with pytest.raises(ValueError, match="unknown 2D backbone 'resnet18'"):
-        ResNet2D("resnet18", 20, init="none")
+    with pytest.raises(ValueError, match="unknown 2D backbone 'resnet152'"):
+        ResNet2D("resnet152", 20, init="none")
 
 
 def test_imagenet_init_reads_the_hub_cache_and_names_the_missing_file(tmp_path, monkeypatch):

@@ -80,10 +80,13 @@ def hue_saturation_shift(color: np.ndarray, rng: np.random.Generator, hue_max: f
 
 
 def chromatic_augment(color: np.ndarray, rng: np.random.Generator, aug) -> np.ndarray:
-    """The METHOD.md chromatic chain (aug: AugmentConfig); float colours in [0, 255]."""
+    """The METHOD.md chromatic chain (aug: AugmentConfig); float colours in [0, 255].
+    Translation and jitter each happen with probability aug.chromatic_p (the reference: 0.95)."""
     color = chromatic_autocontrast(color, rng, aug.autocontrast_p)
-    color = chromatic_translation(color, rng, aug.color_translate_ratio)
-    color = chromatic_jitter(color, rng, aug.color_jitter_std)
+    if rng.random() < aug.chromatic_p:
+        color = chromatic_translation(color, rng, aug.color_translate_ratio)
+    if rng.random() < aug.chromatic_p:
+        color = chromatic_jitter(color, rng, aug.color_jitter_std)
     return hue_saturation_shift(color, rng, aug.hue_max, aug.saturation_max)
 
 
@@ -134,10 +137,12 @@ def point_jitter(coord: np.ndarray, rng: np.random.Generator, sigma: float, clip
 def augment_geometry(coord: np.ndarray, normal: np.ndarray, rng: np.random.Generator, aug,
                      strong: bool) -> tuple[np.ndarray, np.ndarray]:
     """Teacher (weak): flips + small z-rotation. Student (strong): flips + large z-rotation,
-    scale and point jitter. Input coordinates must already be centred."""
+    scale and point jitter. The rotation happens with probability aug.rotate_p (the reference:
+    0.5). Input coordinates must already be centred."""
     if aug.flip_xy:
         coord, normal = random_flip_xy(coord, normal, rng)
-    coord, normal = random_rotate_z(coord, normal, rng, aug.student_rotate_z if strong else aug.teacher_rotate_z)
+    if rng.random() < aug.rotate_p:
+        coord, normal = random_rotate_z(coord, normal, rng, aug.student_rotate_z if strong else aug.teacher_rotate_z)
     if strong:
         coord = random_scale(coord, rng, aug.student_scale_min, aug.student_scale_max)
         coord = point_jitter(coord, rng, aug.point_jitter_sigma, aug.point_jitter_clip)
@@ -317,13 +322,17 @@ def view_color_jitter(rgb: np.ndarray, rng: np.random.Generator,
 # --------------------------------------------------------------------------------------------
 
 
-def voxelize(coord: np.ndarray, feat: np.ndarray, voxel_size: float) -> dict:
+def voxelize(coord: np.ndarray, feat: np.ndarray, voxel_size: float, feature: str = "mean") -> dict:
     """Quantise points to the voxel grid anchored at the origin.
 
     Returns voxel_coord int32 (M, 3) = floor(coord / voxel_size), sorted lexicographically (x,
     then y, then z) so the result is deterministic; inverse int64 (N,) point -> voxel row;
-    voxel_feat float32 (M, F) = mean of the voxel's point features; voxel_count int64 (M,).
+    voxel_feat float32 (M, F) = mean of the voxel's point features (feature 'mean') or the
+    features of its first point (feature 'first', the reference's one point per voxel);
+    voxel_count int64 (M,).
     """
+    if feature not in ("mean", "first"):
+        raise ValueError(f"voxelize: feature must be 'mean' or 'first', got {feature!r}")
     if coord.shape[0] == 0:
         raise ValueError("voxelize: no points")
     q = np.floor(coord / voxel_size).astype(np.int64)
@@ -333,9 +342,12 @@ def voxelize(coord: np.ndarray, feat: np.ndarray, voxel_size: float) -> dict:
         raise ValueError(f"voxelize: extent {span} voxels is too large to index")
     key = ((q[:, 0] - lo[0]) * span[1] + (q[:, 1] - lo[1])) * span[2] + (q[:, 2] - lo[2])
     uniq, first, inverse, count = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
-    voxel_feat = np.empty((uniq.size, feat.shape[1]), np.float32)
-    for c in range(feat.shape[1]):
-        voxel_feat[:, c] = np.bincount(inverse, weights=feat[:, c], minlength=uniq.size) / count
+    if feature == "first":
+        voxel_feat = feat[first].astype(np.float32)
+    else:
+        voxel_feat = np.empty((uniq.size, feat.shape[1]), np.float32)
+        for c in range(feat.shape[1]):
+            voxel_feat[:, c] = np.bincount(inverse, weights=feat[:, c], minlength=uniq.size) / count
     return {"voxel_coord": q[first].astype(np.int32), "inverse": inverse.astype(np.int64),
             "voxel_feat": voxel_feat, "voxel_count": count.astype(np.int64)}
 

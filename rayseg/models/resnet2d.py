@@ -1,7 +1,14 @@
 """The 2D branch: a dilated torchvision ResNet (output stride 8) with a 1x1 classifier.
 
 forward(images (B, 3, H, W)) -> (features (B, D, ceil(H/8), ceil(W/8)) from layer4,
-logits (B, C, H, W) from a bias-free 1x1 conv, bilinearly upsampled to the image size).
+logits (B, C, H, W) from a bias-free 1x1 conv, bilinearly upsampled to the image size with
+align_corners=True, as the reference does).
+
+Layout (`signed`, config `model.signed_2d_features`): the reference's stem is conv1 -> bn1 ->
+maxpool without a ReLU, and the last block of layer4 has its ReLU replaced by the identity
+(torchvision blocks call one `relu` module after each conv and after the sum, so all of them go).
+The features that guidance compares are then signed, not rectified. BasicBlock ResNets (18, 34)
+are dilated as torchvision dilates Bottleneck ones: only the first 3x3 conv of a block dilates.
 
 Initialisation (`init`, config `model.init_2d`):
   'imagenet'  torchvision's IMAGENET1K_V1 weights, read from the torch hub cache
@@ -27,8 +34,9 @@ from rayseg.models._torchvision import import_torchvision
 
 __all__ = ["ResNet2D", "FEATURE_DIMS", "backbone_state_from_checkpoint", "imagenet_weights_path"]
 
-FEATURE_DIMS = {"resnet34": 512, "resnet50": 2048, "resnet101": 2048}
-_WEIGHTS_ENUMS = {"resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}
+FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+_WEIGHTS_ENUMS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights",
+                  "resnet101": "ResNet101_Weights"}
 _BACKBONE_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
@@ -82,36 +90,39 @@ def backbone_state_from_checkpoint(raw: Mapping) -> dict[str, torch.Tensor]:
 def _dilate_basic_blocks(net: nn.Module) -> None:
     """Output stride 8 for BasicBlock ResNets, as `replace_stride_with_dilation=[False, True,
     True]` does for Bottleneck ones (torchvision refuses dilation in BasicBlock): layer3 and
-    layer4 lose their stride; a block's dilation (that of the previous stage for a stage's
-    first block, 2 in layer3, 4 in layer4 otherwise) applies to both of its 3x3 convs."""
+    layer4 lose their stride; a block's first 3x3 conv takes the dilation (that of the previous
+    stage for a stage's first block, 2 in layer3, 4 in layer4 otherwise) and its second stays a
+    plain 3x3, as in the reference's BasicBlock."""
     dilation = 1
     for layer in (net.layer3, net.layer4):
         previous, dilation = dilation, dilation * 2
         for i, block in enumerate(layer):
             d = previous if i == 0 else dilation
-            for conv in (block.conv1, block.conv2):
-                conv.stride, conv.dilation, conv.padding = (1, 1), (d, d), (d, d)
+            block.conv1.stride, block.conv1.dilation, block.conv1.padding = (1, 1), (d, d), (d, d)
             if block.downsample is not None:
                 block.downsample[0].stride = (1, 1)
 
 
 class ResNet2D(nn.Module):
-    """Dilated ResNet-34/50/101 (output stride 8) + bias-free 1x1 classifier."""
+    """Dilated ResNet-18/34/50/101 (output stride 8) + bias-free 1x1 classifier."""
 
     def __init__(self, name: str = "resnet50", num_classes: int = 20, init: str = "imagenet",
-                 freeze: bool = False):
+                 freeze: bool = False, signed: bool = True):
         super().__init__()
         if name not in FEATURE_DIMS:
             raise ValueError(f"unknown 2D backbone {name!r}; available: {', '.join(FEATURE_DIMS)}")
         tv = import_torchvision()
-        if name == "resnet34":
-            net = tv.models.resnet34(weights=None)
+        if name in ("resnet18", "resnet34"):
+            net = getattr(tv.models, name)(weights=None)
             _dilate_basic_blocks(net)
         else:
             net = getattr(tv.models, name)(weights=None, replace_stride_with_dilation=[False, True, True])
-        self.name, self.init, self.frozen = name, init, freeze
+        self.name, self.init, self.frozen, self.signed = name, init, freeze, signed
         self.feature_dim = FEATURE_DIMS[name]
-        self.backbone = nn.Sequential(OrderedDict((k, getattr(net, k)) for k in _BACKBONE_LAYERS))
+        layers = [k for k in _BACKBONE_LAYERS if not (signed and k == "relu")]  # no parameters: same keys
+        self.backbone = nn.Sequential(OrderedDict((k, getattr(net, k)) for k in layers))
+        if signed:
+            self.backbone.layer4[-1].relu = nn.Identity()
         self.classifier = nn.Conv2d(self.feature_dim, num_classes, kernel_size=1, bias=False)
         if init == "imagenet":
             self.load_backbone(backbone_state_from_checkpoint(_load_imagenet_state(name)),
@@ -152,5 +163,5 @@ class ResNet2D(nn.Module):
             raise ValueError(f"images: expected (B, 3, H, W), got shape {tuple(images.shape)}")
         feats = self.backbone(images)
         logits = F.interpolate(self.classifier(feats), size=images.shape[-2:], mode="bilinear",
-                               align_corners=False)
+                               align_corners=True)
         return feats, logits

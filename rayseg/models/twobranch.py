@@ -24,9 +24,9 @@ def sample_2d(feat_map: torch.Tensor, view_index: torch.Tensor, pixel_flat: torc
     """(K, D) features at full-resolution pixels, bilinear from a lower-resolution feature map.
 
     feat_map (B, D, h, w) covers images of size image_hw = (H, W); view_index (K,) picks the
-    view, pixel_flat (K,) = row * W + col the pixel. The result equals bilinearly upsampling
-    the map to (H, W) (align_corners=False) and reading those pixels, without materialising
-    the upsampled map.
+    view, pixel_flat (K,) = row * W + col the pixel. As in the reference, pixel (row, col) is
+    read at normalised position (2 col / W - 1, 2 row / H - 1) with align_corners=True, i.e. at
+    feature-map position (col (w - 1) / W, row (h - 1) / H).
     """
     height, width = int(image_hw[0]), int(image_hw[1])
     num_views = feat_map.shape[0]
@@ -39,10 +39,9 @@ def sample_2d(feat_map: torch.Tensor, view_index: torch.Tensor, pixel_flat: torc
     if len(pixel_flat) and (int(pixel_flat.min()) < 0 or int(pixel_flat.max()) >= height * width):
         raise ValueError(f"pixel_flat out of range for {height}x{width} images: "
                          f"{int(pixel_flat.min())}..{int(pixel_flat.max())}")
-    # pixel centres in grid_sample's normalised coordinates ([-1, 1] spans the image edges)
     col = (pixel_flat % width).to(feat_map.dtype)
     row = torch.div(pixel_flat, width, rounding_mode="floor").to(feat_map.dtype)
-    grid = torch.stack([(col + 0.5) * (2.0 / width) - 1.0, (row + 0.5) * (2.0 / height) - 1.0], dim=1)
+    grid = torch.stack([col * (2.0 / width) - 1.0, row * (2.0 / height) - 1.0], dim=1)
     order = torch.argsort(view_index, stable=True)  # group the samples of each view
     counts = torch.bincount(view_index, minlength=num_views).tolist()
     pieces = []
@@ -50,7 +49,7 @@ def sample_2d(feat_map: torch.Tensor, view_index: torch.Tensor, pixel_flat: torc
         if len(rows):
             g = grid[rows].view(1, 1, -1, 2)
             sampled = F.grid_sample(feat_map[view:view + 1], g, mode="bilinear", padding_mode="border",
-                                    align_corners=False)  # (1, D, 1, n)
+                                    align_corners=True)  # (1, D, 1, n)
             pieces.append(sampled[0, :, 0].T)
     if not pieces:
         return feat_map.new_zeros(0, feat_map.shape[1])
@@ -70,7 +69,7 @@ class TwoBranchModel(nn.Module):
         if model_cfg.init_3d:
             load_minkunet_state(self.net3d, model_cfg.init_3d)
         self.net2d = ResNet2D(model_cfg.backbone_2d, num_classes, init=model_cfg.init_2d,
-                              freeze=model_cfg.freeze_2d)
+                              freeze=model_cfg.freeze_2d, signed=model_cfg.signed_2d_features)
         d3, d2 = self.net3d.feature_dim, self.net2d.feature_dim
         self.proj3d = nn.Linear(d3, d2)
         self.proj2d = nn.Linear(d2, d3)
