@@ -106,6 +106,9 @@ class DataConfig:
     view_region_<name>); '' = no regions (every id -1, floor/wall/ceiling removal skipped)."""
     max_points: int = 0
     """Randomly subsample training scenes to at most this many points (0 = keep all)."""
+    voxel_feature: Literal["mean", "first"] = "mean"
+    """A voxel's input features: the mean of its points' (rayseg) or its first point's (the
+    reference keeps one point per voxel). The mean uses every point's colour and normal."""
     monitor_scenes: int = 8
     """First N train scenes (by id) whose GT is read, for evaluation only, to monitor pseudo-label
     mIoU during training. They are trained on like every other scene: pseudo-labels are made
@@ -146,6 +149,14 @@ class AugmentConfig:
     """Student z-rotation range, radians (pi/6)."""
     flip_xy: bool = True
     """Random x/y flips (teacher and student)."""
+    rotate_p: float = 0.5
+    """Probability of each side's z-rotation (the reference: 0.5)."""
+    chromatic_p: float = 0.95
+    """Probability of each of chromatic translation and chromatic jitter (the reference: 0.95)."""
+    voxel_shift: int = 100
+    """Each step shifts the student's and the teacher's voxel coordinates by their own random
+    integer offset in [0, voxel_shift) per axis, so that the networks do not learn the parity of
+    coordinates (the reference: 100). 0 = no shift."""
     student_scale_min: float = 0.8
     """Student random scale lower bound."""
     student_scale_max: float = 1.2
@@ -172,14 +183,17 @@ class AugmentConfig:
     removal_band: float = 0.5
     """Floor/wall/ceiling removal looks for the biggest region within this many metres of each face."""
     chromatic_teacher: bool = True
-    """Apply the chromatic point-colour augmentations to the teacher too (the student always gets them)."""
+    """Apply the chromatic point-colour augmentations to the teacher too. The student's chromatic
+    augmentation is applied on top of the teacher's colours (the reference's order)."""
     view_jitter_student: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
     """Image colour jitter for the student: brightness, contrast, saturation, hue."""
     view_jitter_teacher: tuple[float, float, float, float] = (0.15, 0.15, 0.15, 0.05)
     """Image colour jitter for the teacher (half of the student's)."""
 
     def __post_init__(self) -> None:
-        for name in ("autocontrast_p", "remove_floor_p", "remove_wall_p", "remove_ceiling_p"):
+        _check(self.voxel_shift >= 0, "voxel_shift", "must be >= 0")
+        for name in ("autocontrast_p", "rotate_p", "chromatic_p", "remove_floor_p", "remove_wall_p",
+                     "remove_ceiling_p"):
             _check(0.0 <= getattr(self, name) <= 1.0, name, "is a probability, must be in [0, 1]")
         _check(self.mix3d_max_offset >= 0, "mix3d_max_offset", "must be >= 0")
         _check(self.removal_band > 0, "removal_band", "must be > 0")
@@ -252,8 +266,12 @@ class ModelConfig:
     """3D MinkUNet variant for stages cmg / cmg_rpc."""
     backend: Literal["torch", "minkowski"] = "torch"
     """Sparse convolution backend: pure PyTorch (always available) or MinkowskiEngine."""
-    backbone_2d: Literal["resnet34", "resnet50", "resnet101"] = "resnet50"
-    """2D ResNet (dilated, output stride 8)."""
+    backbone_2d: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    """2D ResNet (dilated, output stride 8; resnet18 is the cheap choice on CPUs)."""
+    signed_2d_features: bool = True
+    """The reference's 2D layout: the stem is conv1 -> bn1 -> maxpool (no ReLU) and the last block
+    of layer4 has no ReLU, so the 2D features (the guidance targets) keep their sign. False =
+    torchvision's rectified layout (ReLU in the stem and after every block)."""
     init_2d: str = "imagenet"
     """2D initialisation: 'imagenet', 'none', or a path to a local state dict (torchvision/DINO/MoCo)."""
     freeze_2d: bool = False
@@ -282,16 +300,23 @@ class GuidanceConfig:
     temperature: float = 0.07
     """InfoNCE temperature tau."""
     max_pairs: int = 512
-    """Linked point-pixel pairs sampled per scene."""
+    """Point-pixel pairs drawn per scene from its pool of links, separately for each direction."""
+    max_links_per_view: int = 512
+    """A scene's pool of links holds at most this many links (one per voxel) of each view."""
     min_links_per_view: int = 64
-    """Views with fewer links are skipped."""
+    """Views with at most this many links are skipped (the reference keeps a view with > 64)."""
     warmup_steps: int = 2400
-    """Linear warm-up of alpha over this many steps."""
+    """Linear warm-up of alpha over the first steps of stage cmg (not restarted in cmg_rpc)."""
+    scene_reduction: Literal["sum", "mean"] = "sum"
+    """How the per-scene guidance losses of a batch combine. 'sum' (the reference): summed over the
+    scenes of the global batch (optim.batch_size), however many workers share it, so at the
+    reference's 4 scenes the guidance gradient is 4x that of 'mean' (the average over scenes)."""
 
     def __post_init__(self) -> None:
         _check(self.alpha >= 0, "alpha", "must be >= 0")
         _check(self.temperature > 0, "temperature", "must be > 0")
         _check(self.max_pairs > 0, "max_pairs", "must be > 0")
+        _check(self.max_links_per_view > 0, "max_links_per_view", "must be > 0")
         _check(self.min_links_per_view >= 0, "min_links_per_view", "must be >= 0")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
 
@@ -317,7 +342,13 @@ class RPCConfig:
     ema_decay: float = 0.999
     """EMA teacher decay (weights and BN buffers)."""
     warmup_steps: int = 2400
-    """Linear warm-up of beta over this many steps."""
+    """Linear warm-up of beta over the first steps of stage cmg_rpc."""
+    teacher_bn: Literal["eval", "batch_first_epoch"] = "eval"
+    """BatchNorm mode of the EMA teacher. 'eval': running statistics always. 'batch_first_epoch':
+    the reference's behaviour, where the teacher is built in train mode and only its first
+    validation (after the first epoch of each stage) switches it to eval, so during each stage's
+    first epoch it normalises with batch statistics. rayseg keeps 'eval': the reference's mode is
+    a side effect of when it validates, and batch statistics make RPC targets depend on the batch."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.eta <= 1.0, "eta", "must be in [0, 1]")
@@ -334,8 +365,14 @@ class LossConfig:
     """Multi-label classification on average-pooled 3D logits."""
     cls_2d: bool = True
     """Multi-label classification on average-pooled 2D logits."""
+    cls_warmup_steps: int = 2400
+    """Linear warm-up of both cls weights over the first steps of stage cmg (the reference's
+    warm_iter_cam; not restarted in cmg_rpc). 0 = full weight from the first step."""
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     rpc: RPCConfig = field(default_factory=RPCConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.cls_warmup_steps >= 0, "cls_warmup_steps", "must be >= 0")
 
 
 @dataclass(kw_only=True)

@@ -120,9 +120,9 @@ def scene_rng(seed: int, epoch: int, scene_id: str) -> np.random.Generator:
 
 
 def _side(coord: np.ndarray, color: np.ndarray, normal: np.ndarray, rgb: np.ndarray, voxel_size: float,
-          prefix: str = "") -> dict:
+          prefix: str = "", voxel_feature: str = "mean") -> dict:
     feat = np.concatenate([color / 127.5 - 1.0, normal], axis=1)
-    vox = T.voxelize(coord, feat, voxel_size)
+    vox = T.voxelize(coord, feat, voxel_size, voxel_feature)
     return {prefix + "coord": vox["voxel_coord"], prefix + "feat": vox["voxel_feat"],
             prefix + "count": vox["voxel_count"], prefix + "inverse": vox["inverse"], prefix + "images": rgb}
 
@@ -222,7 +222,7 @@ def make_sample(scene: dict, cfg: Config, rng: np.random.Generator, mode: str,
     color = scene["color"].astype(np.float32)
     normal = scene["normal"].astype(np.float32) if "normal" in scene else np.zeros((n, 3), np.float32)
     if not train:
-        sample.update(_side(coord, color, normal, rgb, cfg.data.voxel_size))
+        sample.update(_side(coord, color, normal, rgb, cfg.data.voxel_size, voxel_feature=cfg.data.voxel_feature))
         if mode == "eval":
             if "label" not in scene:
                 raise SceneError(f"scene {sid}: label: missing (eval mode needs ground truth)")
@@ -238,11 +238,11 @@ def make_sample(scene: dict, cfg: Config, rng: np.random.Generator, mode: str,
             t_color = T.chromatic_augment(color, rng, aug)
         t_coord, t_normal = T.augment_geometry(coord, normal, rng, aug, strong=False)
         t_rgb = T.view_color_jitter(rgb, rng, aug.view_jitter_teacher)
-        s_color = T.chromatic_augment(color, rng, aug)
+        s_color = T.chromatic_augment(t_color, rng, aug)  # on top of the teacher's, as the reference
         s_coord, s_normal = T.augment_geometry(coord, normal, rng, aug, strong=True)
         s_rgb = T.view_color_jitter(rgb, rng, aug.view_jitter_student)
-    sample.update(_side(t_coord, t_color, t_normal, t_rgb, cfg.data.voxel_size, prefix="teacher_"))
-    sample.update(_side(s_coord, s_color, s_normal, s_rgb, cfg.data.voxel_size))
+    sample.update(_side(t_coord, t_color, t_normal, t_rgb, cfg.data.voxel_size, "teacher_", cfg.data.voxel_feature))
+    sample.update(_side(s_coord, s_color, s_normal, s_rgb, cfg.data.voxel_size, "", cfg.data.voxel_feature))
     # Where this scene goes when it is the second of a Mix3D pair: whole voxels in x and y.
     shift = rng.uniform(-aug.mix3d_max_offset, aug.mix3d_max_offset, 2) / cfg.data.voxel_size
     sample["mix_offset"] = np.array([round(shift[0]), round(shift[1]), 0], np.int32)
