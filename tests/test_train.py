@@ -345,19 +345,32 @@ def test_pseudo_labels_of_another_checkpoint_are_refused_or_redone(tiny, tmp_pat
         pseudo.make_pseudo_labels(run_b, out)  # refused, not silently kept
 
 
-def test_fresh_run_failing_early_is_marked_failed(tiny, tmp_path):
-    """Issue 18: a fresh run whose first step after the MLflow run starts (the tag-prior line
-    over the train tags) fails stayed RUNNING in MLflow; it must read FAILED."""
+def test_fresh_run_failing_early_is_marked_failed(tiny, tmp_path, capsys):
+    """Issue 18: a fresh run whose first step after the MLflow run starts (the tag-prior line over
+    the train tags) fails stayed RUNNING in MLflow; it must read FAILED. And the data error, raised
+    inside a Ray Train worker, reaches the command line as one line naming the shard."""
     import shutil
+
+    import pyarrow.parquet as pq
+
+    from rayseg import cli
 
     cfg, _ = tiny
     data = tmp_path / "data"
     shutil.copytree(cfg.data.root, data)
-    for victim in sorted((data / "train").glob("*.parquet")):
-        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # every train shard truncated
+    victim = sorted((data / "train").glob("*.parquet"))[0]
+    meta = pq.ParquetFile(victim).metadata.row_group(0)
+    tags = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "tags")
+    raw = bytearray(victim.read_bytes())
+    raw[tags.data_page_offset + tags.total_compressed_size - 4] ^= 0xFF  # same size: passes the size check
+    victim.write_bytes(bytes(raw))
     bad = cfgmod.replace(cfg, **{"data.root": str(data), "ray.max_failures": 0, "name": "early-fail"})
-    with pytest.raises(Exception, match="unreadable parquet"):
-        launch.train(bad)
+    config = tmp_path / "early-fail.toml"
+    config.write_text(cfgmod.dumps(bad))
+    capsys.readouterr()
+    assert cli.main(["train", str(config)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rayseg train:")]
+    assert len(err) == 1 and str(victim) in err[0] and "unreadable parquet" in err[0]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path(cfg.tracking.runs_dir).resolve() / 'mlflow.db'}")
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName LIKE 'early-fail-train-%'")
