@@ -124,19 +124,27 @@ def cmd_check_links(args: argparse.Namespace) -> int:
     return 0 if report["aligned"] else 1
 
 
-def _preflight(root: str) -> None:
+def _preflight(root: str, region_column: str = "") -> None:
     """Missing, truncated or foreign shards named now, before Ray reads them (Ray's Parquet reader
-    would fail naming no file)."""
+    would fail naming no file); with ``region_column``, scenes whose regions were made with other
+    parameters than the rest (an unfinished re-partition) are refused too."""
     from rayseg.data import shards
+    from rayseg.partition import PartitionError
+    from rayseg.partition.job import verify_partitions
 
     shards.scene_paths(root)
+    if region_column:
+        problems = verify_partitions(root, [region_column], coverage=False)
+        if problems:
+            more = f" (and {len(problems) - 1} more: `rayseg doctor {root}`)" if len(problems) > 1 else ""
+            raise PartitionError(f"{root}: {problems[0]}{more}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rayseg.train import launch
 
     cfg = launch.load_run(args.resume) if args.resume else _load(args).config
-    _preflight(cfg.data.root)
+    _preflight(cfg.data.root, cfg.data.region_column)
     if args.resume:
         run_dir = launch.train(cfg, resume=args.resume)
     else:
@@ -148,15 +156,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_pseudo_label(args: argparse.Namespace) -> int:
     from rayseg import metrics as M
     from rayseg.data import shards
-    from rayseg.pseudo import evaluate_pseudo_labels, make_pseudo_labels
-    from rayseg.train.launch import load_run
+    from rayseg.train import launch
 
-    summary = make_pseudo_labels(args.run, args.out, args.split, overwrite=args.overwrite)
-    cfg = load_run(args.run)
-    names = tuple(shards.load_manifest(cfg.data.root)["class_names"])
-    if not args.no_eval:
-        conf = evaluate_pseudo_labels(args.out, cfg.data.root, summary["split"], names)
-        print(M.iou_table(conf, names, title=f"pseudo-labels vs GT, split {summary['split']} (evaluation only)"))
+    # MLflow: a 'pseudo-label' pipeline run with a 'pseudo_label' stage run (launch.pseudo_label)
+    summary = launch.pseudo_label(args.run, args.out, args.split, overwrite=args.overwrite,
+                                  evaluate=not args.no_eval)
+    if summary["conf"] is not None:
+        names = tuple(shards.load_manifest(launch.load_run(args.run).data.root)["class_names"])
+        print(M.iou_table(summary["conf"], names,
+                          title=f"pseudo-labels vs GT, split {summary['split']} (evaluation only)"))
     return 0
 
 
@@ -309,6 +317,46 @@ def cmd_report(args: argparse.Namespace) -> int:
     for name, paths in result["files"].items():
         print(f"# {name}: " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from rayseg.predict import PredictError, run_predict
+
+    # where models:/ and runs:/ URIs are looked up (default: the store `rayseg train` writes)
+    if args.tracking_uri or not os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri or \
+            f"sqlite:///{(Path(cfgmod.TrackingConfig().runs_dir) / 'mlflow.db').resolve()}"
+    try:
+        result = run_predict(args.model, args.inputs, args.out, split=args.split, allow_no_color=args.allow_no_color,
+                             actors=args.actors, use_gpu=args.gpu)
+    except PredictError as exc:
+        print(f"rayseg predict: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(result['scans'])} scan(s) labelled in {result['out']} ({len(result['errors'])} failed); "
+          f"histogram: {result['out'] / 'histogram.csv'}")
+    return 1 if result["errors"] else 0
+
+
+def _add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="label your own scans (PLY) or a prepared dataset with a trained model")
+    p.add_argument("model", metavar="MODEL",
+                   help="a run directory (seg run: segmenter; train run: EMA teacher) or an MLflow model: "
+                        "models:/<id or name/version>, runs:/<run id>/<name>, or a folder with an MLmodel file")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="PLY files (x y z + red green blue; normals estimated when missing) or prepared dataset folders")
+    p.add_argument("--out", required=True, help="output folder: <scan>.labels.ply/.npy, <scan>.histogram.json, "
+                                                "histogram.csv")
+    p.add_argument("--split", default=None, help="for a dataset input: only this split (default all scenes)")
+    p.add_argument("--allow-no-color", action="store_true",
+                   help="accept PLYs without colours (mid-grey is used; predictions get much worse)")
+    p.add_argument("--actors", type=int, default=1, help="model copies predicting in parallel (Ray Data actors)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store for models:/ and runs:/ URIs (default MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
+    p.set_defaults(func=cmd_predict)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -501,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="torch,minkowski", help="comma-separated (default torch,minkowski)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one backend, print JSON
     p.set_defaults(func=cmd_bench_model)
+
+    # predict (rayseg.predict)
+    _add_predict_parser(sub)
 
     # Subcommands of the other modules register here (one block each).
     return parser

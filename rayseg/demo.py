@@ -25,9 +25,8 @@ def run_demo(config_path: str | Path | None = None, overrides: list[str] = ()) -
     from rayseg.data.prepare import prepare_synthetic
     from rayseg.evaluate import evaluate_run
     from rayseg.partition.job import run_partition
-    from rayseg.pseudo import evaluate_pseudo_labels, make_pseudo_labels
-    from rayseg.train import launch
-    from rayseg.train.tracking import Tracker, tracking_uri
+    from rayseg.train.loop import latest_checkpoint
+    from rayseg.train import launch, tracking
 
     path = Path(config_path) if config_path else DEFAULT_CONFIG
     if not path.is_file():
@@ -47,46 +46,49 @@ def run_demo(config_path: str | Path | None = None, overrides: list[str] = ()) -
     if not parts.ok:
         raise RuntimeError(f"partitioning failed:\n{parts.format()}")
 
-    _banner("3/6 teacher-student training: stage cmg -> stage cmg_rpc")
-    train_dir = launch.train(cfg)
+    # MLflow: one parent run for the whole demo; every stage below is a child run of it.
+    run_name = f"{cfg.name}-demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    demo_run = tracking.Tracker(cfg, run_name, tags={tracking.TAG_PIPELINE: "demo"})
+    try:
+        _banner("3/6 teacher-student training: stage cmg -> stage cmg_rpc")
+        train_dir = launch.train(cfg, parent_run_id=demo_run.run_id)
 
-    _banner("4/6 pseudo-labels from the EMA teacher")
-    pl_dir = train_dir / "pseudo_labels"
-    make_pseudo_labels(train_dir, pl_dir)
-    class_names = _class_names(cfg)
-    conf_pl = evaluate_pseudo_labels(pl_dir, cfg.data.root, cfg.data.train_split, class_names)
-    pl_table = M.iou_table(conf_pl, class_names, title="pseudo-labels vs GT, train split (evaluation only)")
-    print(pl_table)
-    state_run = _mlflow_run_id(train_dir)
-    tracker = Tracker(cfg, train_dir.name, run_id=state_run)
-    tracker.log_confusion(conf_pl, class_names, "pseudo_final_3d", 0)
-    tracker.end()
+        _banner("4/6 pseudo-labels from the EMA teacher")
+        pl_dir = train_dir / "pseudo_labels"
+        pl = launch.pseudo_label(train_dir, pl_dir, parent_run_id=demo_run.run_id)
+        class_names = _class_names(cfg)
+        conf_pl = pl["conf"]
+        print(M.iou_table(conf_pl, class_names, title="pseudo-labels vs GT, train split (evaluation only)"))
 
-    _banner("5/6 stage seg: a fresh MinkUNet on the pseudo-labels")
-    seg_dir = launch.segment(cfg, str(pl_dir))
+        _banner("5/6 stage seg: a fresh MinkUNet on the pseudo-labels")
+        seg_dir = launch.segment(cfg, str(pl_dir), parent_run_id=demo_run.run_id)
 
-    _banner("6/6 evaluation on val")
-    result = evaluate_run(seg_dir, cfg.data.val_split)
-    print(result["tables"])
+        _banner("6/6 evaluation on val")
+        result = evaluate_run(seg_dir, cfg.data.val_split)  # logged to the seg stage run, last step
+        print(result["tables"])
+        final_step = launch.checkpoint_step(latest_checkpoint(seg_dir)) + pl["step"]
+        demo_run.log_metrics({"pseudo_final_3d_miou": M.mean_iou(conf_pl), "val_3d_miou": M.mean_iou(result["3d"])},
+                             final_step)
+        models = tracking.read_record(seg_dir).get("models") or {}
+    except BaseException:
+        demo_run.end("FAILED")
+        raise
+    demo_run.end()
     minutes = (time.time() - t_start) / 60
     print(f"\nrayseg demo finished in {minutes:.1f} min."
           f"\n  pseudo-label mIoU (train, 3D): {100 * M.mean_iou(conf_pl):.1f}"
           f"\n  final val mIoU (3D):           {100 * M.mean_iou(result['3d']):.1f}"
           f"\n  runs: {train_dir}\n        {seg_dir}"
-          f"\nOpen the runs in the MLflow UI:"
+          + (f"\n  segmenter model: {models['segmenter']['uri']} (rayseg predict MODEL SCAN.ply --out DIR)"
+             if "segmenter" in models else "")
+          + f"\nOpen the runs in the MLflow UI (experiment '{cfg.tracking.experiment}', parent run '{run_name}'):"
           f"\n  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --backend-store-uri "
-          f"{tracking_uri(cfg)} --host 127.0.0.1 --port 5000 --workers 1", flush=True)
+          f"{tracking.tracking_uri(cfg)} --host 127.0.0.1 --port 5000 --workers 1", flush=True)
     return {"train_dir": train_dir, "seg_dir": seg_dir, "pseudo_miou": M.mean_iou(conf_pl),
-            "val_miou": M.mean_iou(result["3d"])}
+            "val_miou": M.mean_iou(result["3d"]), "mlflow_run_id": demo_run.run_id}
 
 
 def _class_names(cfg: cfgmod.Config) -> tuple[str, ...]:
     from rayseg.data import shards
 
     return tuple(shards.load_manifest(cfg.data.root)["class_names"])
-
-
-def _mlflow_run_id(run_dir: Path) -> str | None:
-    from rayseg.evaluate import load_checkpoint
-
-    return load_checkpoint(run_dir)["progress"]["mlflow_run_id"]

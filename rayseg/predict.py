@@ -132,6 +132,7 @@ def rebuild_segmenter(spec: dict, state: dict) -> PointSegmenter:
 def segmenter_from_run(run_dir: str | Path) -> PointSegmenter:
     """The network of a run directory's newest checkpoint: a seg run's segmenter, or a train
     run's EMA teacher (its 3D branch)."""
+    from rayseg.train.checkpoint import load_state
     from rayseg.train.launch import load_run
     from rayseg.train.loop import latest_checkpoint
 
@@ -140,7 +141,7 @@ def segmenter_from_run(run_dir: str | Path) -> PointSegmenter:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise PredictError(f"{run_dir}: no checkpoint under checkpoints/ (train the run first)")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = load_state(ckpt)
     is_seg = list(state["stages"]) == ["seg"]
     if is_seg:
         weights, backbone, voxel = state["student"], cfg.optim.seg_backbone, cfg.optim.seg_voxel_size
@@ -397,11 +398,11 @@ def write_outputs(out: Path, name: str, points: np.ndarray, labels: np.ndarray, 
 class ScanPredictor:
     """Ray Data actor: loads the model once, predicts one scan per call."""
 
-    def __init__(self, model: str, out: str, allow_no_color: bool, use_gpu: bool):
+    def __init__(self, model: str, name: str, out: str, allow_no_color: bool, use_gpu: bool):
         self.model = load_segmenter(model)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
-        self.model_name = model
+        self.model_name = name
         self.out = Path(out)
         self.allow_no_color = allow_no_color
 
@@ -432,7 +433,9 @@ def run_predict(model: str, inputs: list[str], out: str | Path, split: str | Non
     from rayseg import atomic
     from rayseg.train import launch
 
-    segmenter = load_segmenter(model)  # fail fast on a bad model, before Ray
+    # An MLflow URI is fetched once here; the actors load the local copy (no store access needed).
+    local = str(model) if (Path(model) / "config.toml").is_file() else str(_mlflow_model_dir(str(model)))
+    segmenter = load_segmenter(local)  # fail fast on a bad model, before Ray
     class_names = segmenter.class_names
     items = list_inputs(list(inputs), split, class_names, allow_no_color)
     out = Path(out).resolve()
@@ -443,8 +446,8 @@ def run_predict(model: str, inputs: list[str], out: str | Path, split: str | Non
     launch.init_ray(cfgmod.Config())
     t0 = time.time()
     ds = ray.data.from_items(items).map(
-        ScanPredictor, fn_constructor_kwargs=dict(model=str(model), out=str(out), allow_no_color=allow_no_color,
-                                                  use_gpu=use_gpu),
+        ScanPredictor, fn_constructor_kwargs=dict(model=local, name=str(model), out=str(out),
+                                                  allow_no_color=allow_no_color, use_gpu=use_gpu),
         compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(items)))),
         num_gpus=1 if use_gpu else 0, num_cpus=1)
     scans, errors = [], []

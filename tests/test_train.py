@@ -66,11 +66,16 @@ def test_two_stages_pseudo_labels_segment_evaluate(tiny):
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["loss.rpc.eta"] == "0.8" and params["model.backbone_3d"] == "MinkUNet14A"
+    # one MLflow run per stage (the checkpoint names the last one), metric names without the stage
+    from rayseg.train.tracking import read_record
+
+    cmg_metrics = client.get_run(read_record(run_dir)["stage_runs"]["cmg"]).data.metrics
+    for key in ("loss", "loss/cls_3d", "loss/con_3d", "loss/con_2d", "lr", "cls_prior_loss"):
+        assert key in cmg_metrics, key
     metrics = run.data.metrics
-    for key in ("cmg/loss", "cmg/loss/cls_3d", "cmg/loss/con_3d", "cmg/loss/con_2d", "cmg/lr",
-                "cmg_rpc/loss/rpc_3d", "cmg_rpc/loss/rpc_2d", "cmg_rpc/scenes_per_s",
-                "pseudo_3d_miou", "pseudo_2d_miou", "cls_prior_loss"):
+    for key in ("loss/rpc_3d", "loss/rpc_2d", "scenes_per_s", "pseudo_3d_miou", "pseudo_2d_miou"):
         assert key in metrics, key
+    metrics = cmg_metrics
     train_tags = np.stack([shards.read_scene(p, ["tags"])["tags"] for p in shards.scene_paths(cfg.data.root, "train")])
     assert metrics["cls_prior_loss"] == pytest.approx(L.tag_prior_loss(torch.from_numpy(train_tags)), rel=1e-6)
     # RPC thresholds counted the accepted points of both sides
@@ -78,9 +83,9 @@ def test_two_stages_pseudo_labels_segment_evaluate(tiny):
     assert int(state["thresholds"]["2d"]["counts"].sum()) > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.toml" in artifacts and "pseudo_3d" in artifacts
-    inner = {a.path for a in client.list_artifacts(run.info.run_id, "pseudo_3d")}
-    assert {"pseudo_3d/pseudo_3d_confusion.png", "pseudo_3d/pseudo_3d_iou.csv",
-            "pseudo_3d/pseudo_3d_iou.png"} <= inner
+    inner = {a.path for a in client.list_artifacts(run.info.run_id, "pseudo_3d/epoch_001")}
+    assert {"pseudo_3d/epoch_001/pseudo_3d_confusion.png", "pseudo_3d/epoch_001/pseudo_3d_iou.csv",
+            "pseudo_3d/epoch_001/pseudo_3d_iou.png"} <= inner
 
     # Pseudo-labels: one file per train scene, every point labelled with a tagged class.
     out = tmp / "pl"
@@ -106,7 +111,7 @@ def test_two_stages_pseudo_labels_segment_evaluate(tiny):
     assert int(result["3d"].sum()) == val_points
     assert "wall" in result["tables"] and "mIoU" in result["tables"]
     _, seg_run, _ = mlflow_run(cfg, seg_dir)
-    assert "val_3d_miou" in seg_run.data.metrics and "seg/loss" in seg_run.data.metrics
+    assert "val_3d_miou" in seg_run.data.metrics and "loss" in seg_run.data.metrics
 
 
 def test_gt_never_read_by_training(tiny, monkeypatch):

@@ -241,8 +241,13 @@ def test_sweep_mlflow_parent_and_children(swept):
         assert child.data.params["loss.rpc.eta"] == str(point["loss.rpc.eta"])
         assert child.data.params["loss.rpc.mode"] == point["loss.rpc.mode"]
         assert child.data.params["ray.num_workers"] == "1"
-        for key in ("pseudo_final_3d_miou", "pseudo_final_2d_miou", "pseudo_3d_miou", "cmg/loss", "cmg_rpc/loss"):
+        for key in ("pseudo_final_3d_miou", "pseudo_final_2d_miou"):
             assert key in child.data.metrics, (index, key)
+        # sweep -> trial -> stages: the training curves live in the trial's stage runs
+        stages = {s.info.run_name: s for s in _children(client, child.info.run_id)}
+        assert sorted(stages) == ["cmg", "cmg_rpc", "pseudo_label"], (index, sorted(stages))
+        assert {"loss", "pseudo_3d_miou", "stage"} <= set(stages["cmg_rpc"].data.metrics)
+        assert "pseudo_final_3d_miou" in stages["pseudo_label"].data.metrics
         tune_metrics = next(r["metrics"] for r in result["results"] if r["index"] == index)
         assert tune_metrics["pseudo_final_miou_3d"] == pytest.approx(child.data.metrics["pseudo_final_3d_miou"])
     # Complete trials kept their child runs across the resume.

@@ -3,7 +3,12 @@
 
 A run directory (``<runs_dir>/<run name>/``) holds the resolved config, the checkpoints the
 loop writes every epoch, Ray Train's own storage, and later the pseudo-labels. Resuming a run
-(`--resume RUN_DIR`) continues from its newest checkpoint, in the same MLflow run.
+(`--resume RUN_DIR`) continues from its newest checkpoint, in the same MLflow runs.
+
+MLflow (rayseg.train.tracking): `train`, `segment` and `pseudo_label` each open a pipeline run
+(or, given `parent_run_id`, hang their stage runs under that run: the demo's, a Tune trial's),
+recorded in the run directory's mlflow.json; at the end the EMA teacher / the segmenter is logged
+as an MLflow model (rayseg.predict.PointSegmenter) output of the last stage run.
 """
 
 from __future__ import annotations
@@ -75,10 +80,12 @@ def load_run(run_dir: str | Path) -> cfgmod.Config:
 
 
 def fit(cfg: cfgmod.Config, run_dir: Path, stages: list[str], parent_run_id: str | None = None,
-        callbacks: list | None = None) -> dict:
+        callbacks: list | None = None, step_offset: int = 0) -> dict:
     """Run the stages in a TorchTrainer (num_workers 0 = Ray Train local mode, same process).
     `callbacks` go to the trainer's RunConfig (e.g. Tune's TuneReportCallback inside a trial).
-    Returns the last reported metrics."""
+    Stage runs hang under `parent_run_id` (unless run_dir's mlflow.json names a pipeline run);
+    their steps start after `step_offset` (the pipeline's steps so far). Returns the last
+    reported metrics."""
     from rayseg.partition import is_oracle
 
     if stages != ["seg"] and is_oracle(cfg.data.region_column):
@@ -97,7 +104,8 @@ def fit(cfg: cfgmod.Config, run_dir: Path, stages: list[str], parent_run_id: str
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"config": cfgmod.flatten(cfgmod.to_dict(cfg)), "run_dir": str(run_dir),
-                           "stages": stages, "run_name": run_dir.name, "parent_run_id": parent_run_id},
+                           "stages": stages, "run_name": run_dir.name, "parent_run_id": parent_run_id,
+                           "step_offset": int(step_offset)},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                                resources_per_worker=resources),
@@ -112,8 +120,12 @@ def fit(cfg: cfgmod.Config, run_dir: Path, stages: list[str], parent_run_id: str
     return dict(result.metrics or {})
 
 
-def train(cfg: cfgmod.Config, resume: str | None = None) -> Path:
-    """Stages cmg -> cmg_rpc as one experiment. Returns the run directory."""
+def train(cfg: cfgmod.Config, resume: str | None = None, parent_run_id: str | None = None) -> Path:
+    """Stages cmg -> cmg_rpc as one experiment, then the EMA teacher as an MLflow model.
+    MLflow: a 'train' pipeline run with the stages as children, or the stages directly under
+    `parent_run_id`. Returns the run directory."""
+    from rayseg.train import tracking
+
     check_dataset(cfg)
     run_dir = Path(resume).resolve() if resume else new_run_dir(cfg, "train")
     if resume:
@@ -121,12 +133,143 @@ def train(cfg: cfgmod.Config, resume: str | None = None) -> Path:
     stages = [s for s, epochs in (("cmg", cfg.optim.cmg_epochs), ("cmg_rpc", cfg.optim.cmg_rpc_epochs)) if epochs]
     if not stages:
         raise cfgmod.ConfigError("optim.cmg_epochs and optim.cmg_rpc_epochs are both 0: nothing to train")
-    fit(cfg, run_dir, stages)
+    own = parent_run_id is None
+    pipeline = tracking.open_pipeline(cfg, run_dir, "train", parent_run_id=parent_run_id, own_run=own)
+    try:
+        fit(cfg, run_dir, stages, parent_run_id=pipeline)
+        log_run_model(cfg, run_dir, "teacher")
+    except BaseException:
+        if own:
+            tracking.end_run(cfg, pipeline, "FAILED")
+        raise
+    if own:
+        tracking.end_run(cfg, pipeline)
     return run_dir
 
 
-def segment(cfg: cfgmod.Config, pseudo_labels: str, resume: str | None = None) -> Path:
-    """Stage seg: a fresh MinkUNet trained with cross-entropy on pseudo-label shards."""
+def checkpoint_step(path: str | Path) -> int:
+    """The global step of a checkpoint, from its folder name (<step>-<stage>-e<epoch>)."""
+    head = Path(path).parent.name.split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def log_run_model(cfg: cfgmod.Config, run_dir: Path, name: str) -> str | None:
+    """Log the network of run_dir's newest checkpoint (rayseg.predict.PointSegmenter) as MLflow
+    model `name`, output of the run's last stage run, at its last step; registered as
+    '<config name>-<name>' with tracking.register_models. Recorded in mlflow.json (not logged
+    twice for the same checkpoint). Returns the model URI (None with tracking.log_models off)."""
+    from rayseg.predict import log_segmenter, segmenter_from_run
+    from rayseg.train import tracking
+    from rayseg.train.loop import latest_checkpoint
+
+    if not cfg.tracking.log_models:
+        return None
+    ckpt = latest_checkpoint(run_dir)
+    record = tracking.read_record(run_dir)
+    done = (record.get("models") or {}).get(name)
+    if done and done.get("checkpoint") == str(ckpt):
+        return done["uri"]
+    stage_runs = record.get("stage_runs") or {}
+    stage = "seg" if name == "segmenter" else next((s for s in ("cmg_rpc", "cmg") if s in stage_runs), None)
+    if ckpt is None or stage not in stage_runs:
+        return None
+    run_id = stage_runs[stage]
+    offset = int(tracking.client_for(cfg).get_run(run_id).data.tags.get(tracking.TAG_STEP_OFFSET, "0"))
+    registered = f"{cfg.name}-{name}" if cfg.tracking.register_models else None
+    info = log_segmenter(cfg, run_id, segmenter_from_run(run_dir), name, step=checkpoint_step(ckpt) + offset,
+                         registered_name=registered)
+    tracking.update_record(run_dir, models={name: {"model_id": info.model_id, "uri": info.model_uri,
+                                                   "run_id": run_id, "checkpoint": str(ckpt)}})
+    print(f"[rayseg] {name} logged to MLflow as {info.model_uri}" + (f" (registered as {registered})"
+                                                                       if registered else ""), flush=True)
+    return info.model_uri
+
+
+def _teacher_of(pseudo_labels: str | Path) -> tuple[Path | None, int]:
+    """(train run directory, teacher step) a pseudo-label folder was made from (its pseudo.json)."""
+    import json
+
+    try:
+        meta = json.loads((Path(pseudo_labels) / "pseudo.json").read_text())
+    except (OSError, ValueError):
+        return None, 0
+    ckpt = meta.get("checkpoint")
+    step = ckpt.get("step") if isinstance(ckpt, dict) else None
+    if step is None:
+        path = ckpt.get("path") if isinstance(ckpt, dict) else ckpt
+        step = checkpoint_step(path) if path else 0
+    return (Path(meta["run_dir"]) if meta.get("run_dir") else None), int(step or 0)
+
+
+def _link_teacher(cfg: cfgmod.Config, run_id: str | None, train_dir: Path | None) -> None:
+    """Declare the train run's logged teacher as an input of run `run_id` (MLflow's model inputs)."""
+    from rayseg.train import tracking
+
+    model = ((tracking.read_record(train_dir).get("models") or {}).get("teacher") or {}) if train_dir else {}
+    if run_id and model.get("model_id"):
+        from mlflow.entities import LoggedModelInput
+
+        client = tracking.client_for(cfg)
+        inputs = client.get_run(run_id).inputs
+        if model["model_id"] not in [m.model_id for m in (inputs.model_inputs or [])] if inputs else True:
+            client.log_inputs(run_id, models=[LoggedModelInput(model["model_id"])])
+
+
+def pseudo_label(run_dir: str | Path, out: str | Path, split: str | None = None, *, overwrite: bool = False,
+                 parent_run_id: str | None = None, evaluate: bool = True) -> dict:
+    """`rayseg pseudo-label` with MLflow: a 'pseudo-label' pipeline run (or, given parent_run_id,
+    a stage run directly under it) whose 'pseudo_label' stage run has the teacher model as input
+    and, with `evaluate`, the labels' mIoU against GT (evaluation only) at the teacher's last
+    step. Returns make_pseudo_labels' summary + "conf" (3D confusion or None), "run_id" (the
+    stage run), "pipeline_run_id"."""
+    from rayseg.data import shards
+    from rayseg.pseudo import evaluate_pseudo_labels, make_pseudo_labels
+    from rayseg.train import tracking
+    from rayseg.train.loop import latest_checkpoint
+
+    run_dir = Path(run_dir).resolve()
+    out = Path(out).resolve()
+    cfg = load_run(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    step = checkpoint_step(ckpt) if ckpt else 0
+    own = parent_run_id is None
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # relabelling: new MLflow runs, not the old labels' ones
+        (out / tracking.RUN_RECORD).unlink(missing_ok=True)
+    pipeline = tracking.open_pipeline(cfg, out, "pseudo-label", parent_run_id=parent_run_id, own_run=own,
+                                      run_name=f"pseudo-label-{run_dir.name}")
+    tracker = tracking.stage_tracker(cfg, out, "pseudo_label", parent_run_id=pipeline, step_offset=step,
+                                     tags={"rayseg.teacher_run_dir": str(run_dir), "rayseg.pseudo_labels": str(out)})
+    conf = None
+    try:
+        _link_teacher(cfg, tracker.run_id, run_dir)
+        summary = make_pseudo_labels(run_dir, out, split, overwrite=overwrite)
+        tracker.log_metrics({"stage": tracking.STAGE_INDEX["pseudo_label"], "scenes": summary.get("scenes", 0),
+                             "labelled": summary.get("labelled", 0)}, 0)
+        if evaluate:
+            names = tuple(shards.load_manifest(cfg.data.root)["class_names"])
+            conf = evaluate_pseudo_labels(out, cfg.data.root, summary["split"], names)
+            miou = tracker.log_confusion(conf, names, "pseudo_final_3d", 0)["pseudo_final_3d_miou"]
+            if own:
+                tracking.log_summary(cfg, pipeline, {"pseudo_final_3d_miou": miou}, step)
+    except BaseException:
+        tracker.end("FAILED")
+        if own:
+            tracking.end_run(cfg, pipeline, "FAILED")
+        raise
+    tracker.end()
+    if own:
+        tracking.end_run(cfg, pipeline)
+    return {**summary, "conf": conf, "run_id": tracker.run_id, "pipeline_run_id": pipeline, "step": step}
+
+
+def segment(cfg: cfgmod.Config, pseudo_labels: str, resume: str | None = None,
+            parent_run_id: str | None = None) -> Path:
+    """Stage seg: a fresh MinkUNet trained with cross-entropy on pseudo-label shards, then logged
+    as an MLflow model. MLflow: a 'segment' pipeline run (or the stage directly under
+    `parent_run_id`); its steps continue from the teacher's that made the pseudo-labels."""
+    from rayseg.train import tracking
+
     run_dir = Path(resume).resolve() if resume else None
     if run_dir is not None:
         cfg = load_run(run_dir)
@@ -137,5 +280,17 @@ def segment(cfg: cfgmod.Config, pseudo_labels: str, resume: str | None = None) -
         raise FileNotFoundError(f"pseudo-label directory {cfg.data.pseudo_labels} does not exist "
                                 f"(make it with `rayseg pseudo-label RUN --out DIR`)")
     run_dir = run_dir or new_run_dir(cfg, "seg")
-    fit(cfg, run_dir, ["seg"])
+    train_dir, offset = _teacher_of(cfg.data.pseudo_labels)
+    own = parent_run_id is None
+    pipeline = tracking.open_pipeline(cfg, run_dir, "segment", parent_run_id=parent_run_id, own_run=own)
+    try:
+        fit(cfg, run_dir, ["seg"], parent_run_id=pipeline, step_offset=offset)
+        _link_teacher(cfg, (tracking.read_record(run_dir).get("stage_runs") or {}).get("seg"), train_dir)
+        log_run_model(cfg, run_dir, "segmenter")
+    except BaseException:
+        if own:
+            tracking.end_run(cfg, pipeline, "FAILED")
+        raise
+    if own:
+        tracking.end_run(cfg, pipeline)
     return run_dir

@@ -235,6 +235,13 @@ def _check_datasets(sweep: Sweep, cfgs: list[cfgmod.Config]) -> list[str]:
         # Region columns: all missing ones in one message, with the command that computes them.
         needed = list(dict.fromkeys(cfg.data.region_column for _, cfg in members if cfg.data.region_column))
         missing = [m for m in needed if not entries or any(m not in e.get("regions", []) for e in entries)]
+        if not missing and needed:  # present everywhere, but all made with the recorded parameters?
+            from rayseg.partition.job import verify_partitions
+
+            mixed = verify_partitions(root, needed, coverage=False)
+            if mixed:
+                problems.append(f"dataset {root}: region columns the grid needs are inconsistent:\n      "
+                                + "\n      ".join(mixed[:5]) + (" ..." if len(mixed) > 5 else ""))
         if missing:
             methods = " ".join(f"--method {m}" for m in missing)
             problems.append(f"dataset {root} lacks region column(s) {missing} that the grid needs "
