@@ -243,3 +243,129 @@ def test_referenced_repository_paths_exist():
                 assert (REPO / src).exists(), f"cluster/Dockerfile copies {src}, which does not exist"
     # The launcher copies the repository root, which it must be run from.
     assert os.path.samefile(REPO / one_doc(CLUSTER / "aws-gpu.yaml")["file_mounts"]["/home/ray/rayseg"], REPO)
+
+
+# --------------------------------------------------------------------------------------------
+# The MLflow tracking server: never without a password, never open beyond the cluster
+# --------------------------------------------------------------------------------------------
+
+
+def _mlflow_server_commands() -> list[tuple[str, str]]:
+    """(file, command) for every `mlflow server` the cluster files and README start."""
+    out = [(str(p.relative_to(REPO)), s) for p in YAML_FILES for s in strings(load_docs(p))
+           if "mlflow server" in s]
+    text = (CLUSTER / "README.md").read_text()
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        out += [("cluster/README.md", block.replace("\\\n", " "))] if "mlflow server" in block else []
+    return out
+
+
+def test_every_mlflow_server_asks_for_a_password():
+    commands = _mlflow_server_commands()
+    assert {where for where, _ in commands} == {"cluster/aws-gpu.yaml", "cluster/kuberay/raycluster.yaml",
+                                                "cluster/README.md"}
+    for where, command in commands:
+        assert "--app-name basic-auth" in command, where
+    # The settings file each start names (the image and the launcher hold the repo at /home/ray/rayseg).
+    aws = one_doc(CLUSTER / "aws-gpu.yaml")
+    head = " ".join(aws["head_start_ray_commands"])
+    assert "MLFLOW_AUTH_CONFIG_PATH=/home/ray/rayseg/cluster/mlflow-auth.ini" in head
+    assert (REPO / "cluster" / "mlflow-auth.ini").is_file()
+    # AWS: the credentials exist before anything starts, and every raylet (so every worker,
+    # every job driver) exports them; the auth app is installed.
+    creds = next(i for i, c in enumerate(aws["head_start_ray_commands"]) if "cluster/mlflow_auth.py" in c)
+    starts = [c for c in aws["head_start_ray_commands"] + aws["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("set -a && . /shared/mlflow/auth.env && set +a &&") for c in starts)
+    assert creds < next(i for i, c in enumerate(aws["head_start_ray_commands"]) if "ray start" in c)
+    assert 'pip install -q "mlflow[auth]"' in aws["setup_commands"]
+    assert '"mlflow[auth]"' in (CLUSTER / "Dockerfile").read_text()
+
+
+def test_kuberay_mlflow_gets_its_secret_and_only_ray_pods_reach_it():
+    docs = load_docs(CLUSTER / "kuberay" / "raycluster.yaml")
+    rc = one_doc(CLUSTER / "kuberay" / "raycluster.yaml", "RayCluster")
+    mlflow = one_doc(CLUSTER / "kuberay" / "raycluster.yaml", "Deployment")
+    svc = one_doc(CLUSTER / "kuberay" / "raycluster.yaml", "Service")
+    policy = one_doc(CLUSTER / "kuberay" / "raycluster.yaml", "NetworkPolicy")
+    secret_of = lambda c: [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]  # noqa: E731
+    (server,) = mlflow["spec"]["template"]["spec"]["containers"]
+    assert secret_of(server) == ["rayseg-mlflow-auth"]
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == "/home/ray/rayseg/cluster/mlflow-auth.ini"
+    ray_pods = [p for p in _pod_specs(docs) if p["containers"][0]["name"] != server["name"]]
+    assert len(ray_pods) == 3 and all(secret_of(c) == ["rayseg-mlflow-auth"] for p in ray_pods for c in p["containers"])
+    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
+    labels = mlflow["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"ray.io/cluster": rc["metadata"]["name"]}}}]
+    assert rule["ports"] == [{"protocol": "TCP", "port": svc["spec"]["ports"][0]["targetPort"]}]
+    # The README's secret is the one the manifests read.
+    assert "kubectl create secret generic rayseg-mlflow-auth --from-env-file=auth.env" in \
+        (CLUSTER / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_mlflow_recipe_refuses_strangers_and_admits_rayseg(tmp_path):
+    """The recipe itself, on this machine: cluster/mlflow_auth.py's env file, the basic-auth app
+    with cluster/mlflow-auth.ini (its user store moved into tmp_path), then an anonymous request
+    and rayseg's tracker with the file's client variables."""
+    import importlib.util
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    spec = importlib.util.spec_from_file_location("mlflow_auth", CLUSTER / "mlflow_auth.py")
+    mlflow_auth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mlflow_auth)
+    env_file = tmp_path / "auth.env"
+    assert mlflow_auth.write_auth_env(env_file) and not mlflow_auth.write_auth_env(env_file)  # kept
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    creds = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+    assert creds["MLFLOW_TRACKING_PASSWORD"] == creds["MLFLOW_AUTH_ADMIN_PASSWORD"] and len(creds) == 5
+    ini = (CLUSTER / "mlflow-auth.ini").read_text().replace("sqlite:////shared/mlflow/basic_auth.db",
+                                                            f"sqlite:///{tmp_path / 'basic_auth.db'}")
+    (tmp_path / "auth.ini").write_text(ini)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server_env = {**os.environ, **{k: v for k, v in creds.items() if not k.startswith("MLFLOW_TRACKING_")},
+                  "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.time() < deadline, "the MLflow server did not start in 120 s"
+                time.sleep(0.5)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+        assert refused.value.code == 401
+        code = ("from rayseg import config as c; from rayseg.train.tracking import Tracker; "
+                f"t = Tracker(c.replace(c.Config(), **{{'tracking.uri': '{uri}', 'data.root': ''}}), 'auth', "
+                "dataset_context=None); t.log_metrics({'x': 1.0}, 0); t.end(); print(t.run_id)")
+        client_env = {**os.environ, "MLFLOW_TRACKING_USERNAME": creds["MLFLOW_TRACKING_USERNAME"],
+                      "MLFLOW_TRACKING_PASSWORD": creds["MLFLOW_TRACKING_PASSWORD"]}
+        logged = subprocess.run([sys.executable, "-c", code], env=client_env, capture_output=True, text=True,
+                                timeout=120)
+        assert logged.returncode == 0, logged.stderr[-2000:]
+        no_password = {k: v for k, v in client_env.items() if not k.startswith("MLFLOW_TRACKING_")}
+        anonymous = subprocess.run([sys.executable, "-c", code], env=no_password, capture_output=True, text=True,
+                                   timeout=120)
+        assert anonymous.returncode != 0 and "401" in anonymous.stderr
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
