@@ -224,6 +224,12 @@ def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None =
     out = Path(out).resolve()
     cfg = cfgmod.replace(cfg, **{"data.num_views": 0})  # 3D pseudo-labels need no images
     shards.scene_paths(cfg.data.root, split)  # missing / truncated shards named before Ray reads them
+    if cfg.data.region_column:  # regions of two parameter sets (an unfinished re-partition): refused
+        from rayseg.partition.job import verify_partitions
+
+        mixed = verify_partitions(cfg.data.root, [cfg.data.region_column], coverage=False)
+        if mixed:
+            raise PseudoLabelError(f"{cfg.data.root}: {mixed[0]}" + (f" (and {len(mixed) - 1} more)" if len(mixed) > 1 else ""))
     p = pipeline.plan(cfg.data.root, split, cfg, "infer", 0, cfg.seed)
     identity = labelling_identity(run_dir, ckpt, cfg, split)
     source = identity["source"]

@@ -164,6 +164,11 @@ def test_verify_partitions_names_scenes_made_with_other_parameters(tmp_path, loc
     assert len(problems) == 1 and problems[0].startswith("train/synth_0001.parquet: region_vccs: made with other")
     assert cli.main(["inspect", str(root), "--verify"]) == 1
     assert "synth_0001.parquet: region_vccs: made with other parameters" in capsys.readouterr().out
+    # training on that column is refused before Ray starts, naming the scene
+    config = tmp_path / "exp.toml"
+    config.write_text(f"[data]\nroot = '{root}'\nregion_column = 'vccs'\n")
+    assert cli.main(["train", str(config)]) == 2
+    assert "synth_0001.parquet: region_vccs: made with other parameters" in capsys.readouterr().err
     # the same method re-run with the current parameters redoes exactly that scene
     fixed = job.run_partition(root, ["vccs"], cfgmod.replace(cfg, **{"partition.vccs_seed_resolution": 0.4}))
     assert fixed.written == ["synth_0001"] and job.verify_partitions(root) == []

@@ -155,13 +155,14 @@ def _stale_manifest_entries(root: Path, paths: list[Path], entries: dict) -> lis
     return stale
 
 
-def verify_partitions(root: str | Path) -> list[str]:
+def verify_partitions(root: str | Path, methods: list[str] | None = None, coverage: bool = True) -> list[str]:
     """Problems of a dataset's partitions, each naming the scene file and the method: a region
     column with no record of the parameters that made it, or made with other parameters than
     the rest (a run with new parameters that did not finish), a column on some scenes only, a
     point column without its view column, a record whose column is gone. [] when sound, and
     when the dataset has no partitions.json (its region columns, if any, were written by its
-    preparer, not by `rayseg partition`)."""
+    preparer, not by `rayseg partition`). ``methods`` restricts the check to those methods;
+    ``coverage=False`` skips the "on some scenes only" check (readers check their split)."""
     root = Path(root)
     manifest = shards.load_manifest(root)
     if not (root / SIDECAR).is_file():
@@ -182,6 +183,8 @@ def verify_partitions(root: str | Path) -> list[str]:
         record = sidecar["scenes"].get(rel, {})
         for col in sorted(c for c in columns if c.startswith("region_")):
             m = col[len("region_"):]
+            if methods is not None and m not in methods:
+                continue
             have.setdefault(m, []).append(rel)
             want = sidecar["methods"].get(m, {}).get("hash")
             if want is None or m not in record:
@@ -192,11 +195,12 @@ def verify_partitions(root: str | Path) -> list[str]:
                                 f"for {m} ({want}): a partition run with new parameters did not finish; re-run it")
             if entry.get("num_views") and f"view_{col}" not in columns:
                 problems.append(f"{rel}: {col} without view_{col} (re-run `rayseg partition`)")
-        for m in sorted(set(record) - {c[len("region_"):] for c in columns if c.startswith("region_")}):
+        for m in sorted(set(record) - {c[len("region_"):] for c in columns if c.startswith("region_")}
+                        - (set() if methods is None else set(record) - set(methods))):
             problems.append(f"{rel}: {SIDECAR} records region_{m} but the shard lacks it (re-prepared since?); "
                             f"re-run `rayseg partition {root} --method {m}`")
     for m, rels in sorted(have.items()):
-        if len(rels) < len(entries):
+        if coverage and len(rels) < len(entries):
             lacking = sorted(set(e["path"] for e in entries) - set(rels))
             problems.append(f"region_{m}: on {len(rels)} of {len(entries)} scenes, missing on "
                             f"{', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''}")
