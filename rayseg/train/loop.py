@@ -489,6 +489,8 @@ def train_func(loop_config: dict) -> None:
                                     parent_run_id=loop_config.get("parent_run_id"),
                                     step_offset=loop_config.get("step_offset", 0))
             progress.mlflow_run_id = tracker.run_id or progress.mlflow_run_id
+            if state is not None:
+                tracker.skip_logged_steps()  # the steps after the checkpoint were logged before the crash
             if rank == 0 and state is None and progress.step == 0 and stage != "seg":
                 log_tag_prior(cfg, tracker)
             epochs, base_lr = stage_schedule(cfg, stage)

@@ -174,6 +174,7 @@ class Tracker:
         self.run_id: str | None = None
         self.step_offset = 0
         self._monitor = None
+        self._logged_through: dict[str, int] | None = None  # see skip_logged_steps
         if not enabled:
             return
         import mlflow
@@ -235,8 +236,23 @@ class Tracker:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step) + self.step_offset) for k, v in metrics.items()]
+        if self._logged_through is not None:
+            items = [m for m in items if m.step > self._last_logged_step(m.key)]
         for i in range(0, len(items), 1000):
             self._client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def skip_logged_steps(self) -> None:
+        """From now on, leave out a metric at a step this run already holds for that key: a
+        resumed stage replays the steps between its last checkpoint and the crash, which were
+        logged before the crash (their values are what the replay recomputes)."""
+        if self.enabled:
+            self._logged_through = {}
+
+    def _last_logged_step(self, key: str) -> int:
+        if key not in self._logged_through:  # one history query per key, on first use
+            history = self._client.get_metric_history(self.run_id, key)
+            self._logged_through[key] = max((m.step for m in history), default=-1)
+        return self._logged_through[key]
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.enabled:
