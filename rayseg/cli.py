@@ -10,10 +10,23 @@ import sys
 from rayseg import config as cfgmod
 
 
+class _TrackingUri(argparse.Action):
+    """--tracking-uri URI: the same as --set tracking.uri=URI."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), f"tracking.uri={values}"])
+
+
+def _add_tracking_uri(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", dest="overrides", action=_TrackingUri, default=argparse.SUPPRESS, metavar="URI",
+                   help="MLflow store (= --set tracking.uri=URI); a sqlite:///DB keeps artifacts beside DB")
+
+
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("config", nargs=None if required else "?", help="experiment TOML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set loss.rpc.eta=0.7 (repeatable)")
+    _add_tracking_uri(p)
 
 
 def _load(args: argparse.Namespace) -> cfgmod.Experiment:
@@ -465,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole chain on synthetic data with a local Ray + sqlite MLflow")
     p.add_argument("--config", default=None, help="demo config (default experiments/synthetic-demo.toml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_tracking_uri(p)
     p.set_defaults(func=cmd_demo)
 
     # partition / partition-quality (rayseg.partition.job, rayseg.partition.quality)
