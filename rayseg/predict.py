@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -228,11 +229,19 @@ def log_segmenter(cfg: cfgmod.Config, run_id: str, segmenter: PointSegmenter, na
             "rayseg.voxel_size": str(segmenter.spec["voxel_size"])}
     mlflow.set_tracking_uri(tracking_uri(cfg))
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", "scipy", "rayseg"]
-    with mlflow.start_run(run_id=run_id):
-        return mlflow.pytorch.log_model(segmenter.cpu(), name=name, signature=signature, metadata=meta, tags=tags,
-                                        step=int(step), registered_model_name=registered_name,
-                                        serialization_format="pickle", pip_requirements=requirements,
-                                        await_registration_for=0)
+    # MLflow warns that pickled models can run code when loaded: rayseg's own loader reads this
+    # file weights-only (load_model_dir), and the README says what mlflow.pytorch.load_model needs.
+    flavor_log = logging.getLogger("mlflow.pytorch")
+    level = flavor_log.level
+    flavor_log.setLevel(logging.ERROR)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            return mlflow.pytorch.log_model(segmenter.cpu(), name=name, signature=signature, metadata=meta,
+                                            tags=tags, step=int(step), registered_model_name=registered_name,
+                                            serialization_format="pickle", pip_requirements=requirements,
+                                            await_registration_for=0)
+    finally:
+        flavor_log.setLevel(level)
 
 
 # --------------------------------------------------------------------------------------------
