@@ -380,3 +380,45 @@ def test_fresh_run_failing_early_is_marked_failed(tiny, tmp_path, capsys):
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName LIKE 'early-fail-train-%'")
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
+
+
+def test_reference_step_behaviours(tiny):
+    """Issue 15 at the level of one training step on real batches: the guidance sum is scaled
+    by the number of workers (so the update is the sum over the global batch), 'mean' divides
+    it by the scenes with pairs, RPC rows are the student's voxels (at step 0 every row passes,
+    and there are M voxel rows, not N points), and the per-step voxel shift moves all rows of a
+    side by one offset in [0, voxel_shift)."""
+    from rayseg.train.loop import build_models, guidance_terms, iter_rank_batches, shift_voxels, to_device, \
+        two_branch_step
+
+    cfg, _ = tiny
+    # the tiny 64 x 48 views have fewer than the reference's 64 links: keep every view here
+    cfg = cfgmod.replace(cfg, **{"augment.mix3d": False, "loss.guidance.min_links_per_view": 0})
+    num_classes = len(shards.load_manifest(cfg.data.root)["class_names"])
+    model, teacher = build_models(cfg, num_classes, "cmg")
+    b = to_device(next(iter_rank_batches(cfg, "train", "train", 0, 0, 1, 2)), torch.device("cpu"))
+    active = ("con_3d", "con_2d")
+    with torch.no_grad():
+        out3, out2 = model.forward_3d(b["coord"], b["feat"]), model.forward_2d(b["images"])
+        one, log = guidance_terms(model, b, out3, out2, cfg, active, torch.Generator().manual_seed(4), world=1)
+        two, _ = guidance_terms(model, b, out3, out2, cfg, active, torch.Generator().manual_seed(4), world=2)
+        mean_cfg = cfgmod.replace(cfg, **{"loss.guidance.scene_reduction": "mean"})
+        mean, _ = guidance_terms(model, b, out3, out2, mean_cfg, active, torch.Generator().manual_seed(4), world=2)
+    for term in active:
+        assert two[term].item() == pytest.approx(2 * one[term].item(), rel=1e-6)
+        assert mean[term].item() == pytest.approx(one[term].item() / 2, rel=1e-5)  # 2 scenes with pairs
+        assert log[f"{term}_per_scene"] == pytest.approx(one[term].item() / 2, rel=1e-5)
+        assert 4.0 < log[f"{term}_per_scene"] < 7.0  # near ln(#pairs) at random init
+    # RPC on voxel rows; at step 0 Q = 0, so every row passes the >= test
+    thresholds = {s: L.ThresholdState.from_config(cfg.loss.rpc, num_classes) for s in ("3d", "2d")}
+    _, log, accepted = two_branch_step(model, teacher, b, cfg, "cmg_rpc", 0, thresholds,
+                                       torch.Generator().manual_seed(0))
+    num_voxels, num_points = b["coord"].shape[0], b["inverse"].shape[0]
+    assert num_voxels < num_points
+    assert int(accepted["3d"].sum()) == num_voxels and log["rpc_3d_kept"] == 1.0
+    # voxel shift: one integer offset per axis for the whole batch, the batch column untouched
+    shifted = shift_voxels(b["coord"], 100, torch.Generator().manual_seed(1))
+    delta = shifted - b["coord"]
+    assert bool((delta[:, 0] == 0).all()) and bool((delta[:, 1:] == delta[0, 1:]).all())
+    assert bool(((delta[0, 1:] >= 0) & (delta[0, 1:] < 100)).all()) and int(delta[0, 1:].abs().sum()) > 0
+    assert torch.equal(shift_voxels(b["coord"], 0, torch.Generator()), b["coord"])

@@ -12,7 +12,7 @@ import tomli_w
 TINY_RUN = {
     "data.voxel_size": 0.08, "data.image_width": 64, "data.image_height": 48, "data.loader": "local",
     "model.backbone_3d": "MinkUNet14A", "model.backbone_2d": "resnet34", "model.init_2d": "none",
-    "loss.guidance.warmup_steps": 2, "loss.rpc.warmup_steps": 2, "loss.rpc.ema_decay": 0.9,
+    "loss.cls_warmup_steps": 2, "loss.guidance.warmup_steps": 2, "loss.rpc.warmup_steps": 2, "loss.rpc.ema_decay": 0.9,
     "optim.batch_size": 2, "optim.cmg_epochs": 1, "optim.cmg_rpc_epochs": 1, "optim.loops_per_epoch": 1,
     "optim.seg_epochs": 1, "optim.seg_backbone": "MinkUNet14A", "optim.seg_voxel_size": 0.08,
     "ray.cpus_per_worker": 0.5,
