@@ -145,3 +145,40 @@ def test_doctor_checks_a_dataset_in_one_pass(tmp_path, capsys):
     assert code == 1
     assert "scene0002_00.parquet: checksum mismatch" in out
     assert "nothing-here does not exist" in out and "2 with problems" in out
+
+
+def test_doctor_follows_a_run_to_its_dataset_and_pseudo_labels(tmp_path, capsys):
+    """A run directory: its dataset and its pseudo_labels/ are checked in the same pass, every
+    problem named by file (the folder below is written as `rayseg pseudo-label` leaves it)."""
+    from rayseg import config as cfgmod
+    from rayseg import pseudo
+
+    root = make_dataset(tmp_path / "ds", n=4)
+    run_dir = tmp_path / "runs" / "r1"
+    ckpt = run_dir / "checkpoints" / "000000004-cmg_rpc-e0001" / "state.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"the teacher's bytes")
+    cfg = cfgmod.replace(cfgmod.Config(), **{"data.root": str(root), "data.region_column": ""})
+    (run_dir / "config.toml").write_text(cfgmod.dumps(cfg))
+    out = run_dir / "pseudo_labels"
+    identity = pseudo.labelling_identity(run_dir, ckpt, cfg, "train")
+    entries = [e for e in shards.load_manifest(root)["scenes"] if e["split"] == "train"]
+    for e in entries:
+        pseudo.write_pseudo(pseudo.pseudo_path(out, "train", e["scene_id"]), e["scene_id"],
+                            np.zeros(e["num_points"], np.uint8), identity["source"])
+    pseudo._write_meta(out, {**identity, "complete": True, "scenes": len(entries)})
+    code, text, _ = run_cli(capsys, "doctor", str(run_dir))
+    assert code == 0, text
+    assert f"dataset {root.resolve()}: OK" in text and f"pseudo-labels {out.resolve()}: OK" in text
+
+    first, second = (pseudo.pseudo_path(out, "train", e["scene_id"]) for e in entries[:2])
+    pseudo.write_pseudo(first, entries[0]["scene_id"], np.zeros(7, np.uint8), identity["source"])  # wrong size
+    second.unlink()  # a scene without labels
+    ckpt.write_bytes(b"other bytes")  # the checkpoint changed under the labels
+    code, text, _ = run_cli(capsys, "doctor", str(run_dir))
+    assert code == 1
+    assert f"{first}: 7 pseudo-labels for scene {entries[0]['scene_id']} with 300 points" in text
+    assert f"pseudo-labels for scene {entries[1]['scene_id']} not found: {second}" in text
+    assert f"checkpoint {ckpt} has changed since it made these labels" in text
+    with pytest.raises(pseudo.PseudoLabelError, match=r"7 pseudo-labels for scene .* \(and 2 more"):
+        pseudo.check_folder(out)  # what `segment` runs before training on the folder
