@@ -466,11 +466,12 @@ def _manifest_lock(root: Path) -> Iterator[None]:
 def _file_entry(root: Path, path: Path, cached: dict | None) -> dict:
     """Manifest entry of one shard; the sha256 is reused when size and mtime are unchanged."""
     stat = path.stat()
-    if (cached and cached.get("bytes") == stat.st_size and cached.get("mtime_ns") == stat.st_mtime_ns
-            and "num_tags" in cached):
+    unchanged = cached and cached.get("bytes") == stat.st_size and cached.get("mtime_ns") == stat.st_mtime_ns
+    if unchanged and "num_tags" in cached:
         return cached
+    # (an entry of an older manifest lacks the class count: read it, keep the checksum)
     return {**shard_facts(root, path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "sha256": sha256_file(path)}
+            "sha256": cached["sha256"] if unchanged else sha256_file(path)}
 
 
 def shard_facts(root: Path, path: Path) -> dict:
