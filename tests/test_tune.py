@@ -154,6 +154,23 @@ runs_dir = "{runs}"
         tune.prepare_sweep(no_grid)
 
 
+def test_preflight_names_a_truncated_shard(tiny, tmp_path):
+    """A shard truncated since the manifest was written is named before any trial starts (in a
+    trial, Ray Data's reader would say only "Parquet magic bytes not found")."""
+    import shutil
+
+    tmp, base = tiny
+    data = tmp_path / "data"
+    shutil.copytree(tmp / "data", data)
+    victim = sorted((data / "train").glob("*.parquet"))[1]
+    victim.write_bytes(victim.read_bytes()[:1000])
+    path = write(tmp_path / "cut.toml", f"extends = '{base}'\n[data]\nroot = '{data}'\n"
+                                        f"[tracking]\nruns_dir = '{tmp_path / 'runs'}'\n[grid]\n'loss.rpc.eta' = [0.1]\n")
+    with pytest.raises(tune.SweepError, match=rf"shard {victim}: 1000 bytes, .* truncated"):
+        tune.prepare_sweep(path)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_resources_and_concurrency_from_cluster():
     cfg = cfgmod.replace(cfgmod.Config(), **{"ray.num_workers": 0, "ray.cpus_per_worker": 0.5})
     assert tune.trial_workers(cfg).ray.num_workers == 1  # Train local mode cannot run inside a Tune trial

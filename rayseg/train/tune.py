@@ -232,6 +232,10 @@ def _check_datasets(sweep: Sweep, cfgs: list[cfgmod.Config]) -> list[str]:
         if sweep.config.tune.with_seg:
             splits |= {cfg.data.val_split for _, cfg in members}
         entries = [e for e in manifest["scenes"] if e["split"] in splits]
+        try:  # missing / truncated / foreign shards, named now rather than by Ray Data in a trial
+            shards.check_listed_files(root, entries, manifest)
+        except (FileNotFoundError, shards.ShardError) as exc:
+            problems.append(str(exc))
         # Region columns: all missing ones in one message, with the command that computes them.
         needed = list(dict.fromkeys(cfg.data.region_column for _, cfg in members if cfg.data.region_column))
         missing = [m for m in needed if not entries or any(m not in e.get("regions", []) for e in entries)]
