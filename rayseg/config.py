@@ -171,8 +171,9 @@ class AugmentConfig:
     """Probability of dropping the walls: the biggest region along each of the 4 sides, clearing the wall tag."""
     remove_ceiling_p: float = 0.0
     """Probability of dropping the ceiling region (S3DIS: 0.5)."""
-    mix3d: bool = True
-    """Mix3D: the student sees two scenes overlaid (tags OR-ed, cross-scene links invalid)."""
+    mix3d: bool = False
+    """Mix3D: the student sees two scenes overlaid (tags OR-ed, cross-scene links invalid). Off
+    as in the reference's released configs (mix3d 0.0); Table 2's '+Mix3D' row turns it on."""
     mix3d_max_offset: float = 1.0
     """Mix3D: the second scene is shifted in x and y by up to this many metres (whole voxels)."""
     removal_2d: bool = True
@@ -395,6 +396,10 @@ class OptimConfig:
     """Stage cmg_rpc epochs (continues from cmg: student and teacher)."""
     cmg_rpc_lr: float = 0.05
     """Stage cmg_rpc learning rate."""
+    cmg_rpc_init: Literal["last", "best_val"] = "last"
+    """Weights stage cmg_rpc starts from: stage cmg's last epoch (rayseg), or its epoch with the best
+    3D mIoU on the val split ('best_val', the reference's `model_best`). 'best_val' selects a
+    model with val ground truth: an ORACLE, tagged rayseg.oracle=true, never a default."""
     loops_per_epoch: int = 4
     """Passes over the train split per epoch (reference: 4)."""
     seg_epochs: int = 100

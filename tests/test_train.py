@@ -422,3 +422,22 @@ def test_reference_step_behaviours(tiny):
     assert bool((delta[:, 0] == 0).all()) and bool((delta[:, 1:] == delta[0, 1:]).all())
     assert bool(((delta[0, 1:] >= 0) & (delta[0, 1:] < 100)).all()) and int(delta[0, 1:].abs().sum()) > 0
     assert torch.equal(shift_voxels(b["coord"], 0, torch.Generator()), b["coord"])
+
+
+def test_best_on_val_stage2_init_is_an_oracle_option(tiny):
+    """optim.cmg_rpc_init = 'best_val' (the reference's model_best): stage cmg scores the teacher
+    on val GT every epoch, stage cmg_rpc starts from the best epoch's weights, and the run is
+    tagged an oracle."""
+    cfg, _ = tiny
+    cfg = cfgmod.replace(cfg, **{"optim.cmg_rpc_init": "best_val", "optim.cmg_epochs": 2, "optim.cmg_rpc_epochs": 1,
+                                 "name": "tiny-best-val"})
+    run_dir = launch.train(cfg)
+    state = torch.load(latest_checkpoint(run_dir), weights_only=True)
+    history = state["progress"]["history"]
+    scores = [h["oracle_val_miou_3d"] for h in history if h["stage"] == "cmg"]
+    assert len(scores) == 2 and all(0.0 <= x <= 1.0 for x in scores)
+    best = state["best_cmg"]
+    assert best["miou"] == max(scores) and best["epoch"] == 1 + scores.index(max(scores))
+    assert not any("oracle_val_miou_3d" in h for h in history if h["stage"] == "cmg_rpc")
+    client, run, _ = mlflow_run(cfg, run_dir)
+    assert run.data.tags["rayseg.oracle"] == "true"

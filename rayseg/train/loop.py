@@ -20,6 +20,7 @@ data the interrupted one would have seen.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -40,9 +41,10 @@ from rayseg.data import pipeline, shards
 from rayseg.data.scene import IGNORE_LABEL
 from rayseg.partition import is_oracle
 from rayseg.teacher import ema_update, make_teacher
-from rayseg.train.checkpoint import CHECKPOINT_FILE, UnsafeCheckpointError, load_state, ray_checkpoint_file
+from rayseg.train.checkpoint import (CHECKPOINT_FILE, UnsafeCheckpointError, load_state, ray_checkpoint_file,
+                                     remove_partial_ray_copies)
 STAGES = ("cmg", "cmg_rpc", "seg")
-PROGRESS_SECONDS = 30.0  # a progress line at most this often (rank 0)
+PROGRESS_SECONDS = 10.0  # a progress line at most this often (rank 0)
 
 # Batch keys that stay numpy / python (never tensors).
 _NON_TENSOR = {"scene_id"}
@@ -111,16 +113,50 @@ def rank_paths(paths: list[Path], rank: int, world: int, drop_last: bool) -> lis
     return paths[rank:n:world]
 
 
-def iter_rank_batches(cfg: cfgmod.Config, split: str, mode: str, epoch: int, rank: int, world: int,
-                      batch_size: int, limit: int | None = None) -> Iterator[dict]:
-    """Collated batches of this rank's scenes for one pass (Ray Data or the local loop)."""
+def rank_plan(cfg: cfgmod.Config, split: str, mode: str, epoch: int, rank: int, world: int,
+              limit: int | None = None) -> pipeline.DatasetPlan:
+    """The plan of this rank's scenes for one pass (its paths may be empty)."""
     p = pipeline.plan(cfg.data.root, split, cfg, mode, epoch, cfg.seed)
     paths = p.paths if limit is None else p.paths[:limit]
     mine = rank_paths(paths, rank, world, drop_last=(mode == "train"))
-    if not mine:
+    return pipeline.DatasetPlan(**{**p.__dict__, "paths": mine, "scene_ids": [x.stem for x in mine]})
+
+
+def train_pass_stream(cfg: cfgmod.Config, data_epochs: list[int], rank: int, world: int,
+                      batch_size: int) -> pipeline.RayPassStream | None:
+    """With the Ray Data loader: one stream over all of a stage's remaining training passes, so
+    the next epoch's scenes are made while this one trains and no dataset is rebuilt per epoch;
+    None for the local loader."""
+    if cfg.data.loader != "ray":
+        return None
+    plans = [(e, rank_plan(cfg, cfg.data.train_split, "train", e, rank, world)) for e in data_epochs]
+    plans = [(e, p) for e, p in plans if p.paths]
+    return pipeline.RayPassStream(plans, cfg, cfg.seed, batch_size) if plans else None
+
+
+def timed_batches(batches: Iterator[dict], wait: list[float]) -> Iterator[dict]:
+    """The batches, adding the seconds spent waiting for each to wait[0] (the trainer's data wait)."""
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        batch = next(it, None)
+        wait[0] += time.perf_counter() - t
+        if batch is None:
+            return
+        yield batch
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def iter_rank_batches(cfg: cfgmod.Config, split: str, mode: str, epoch: int, rank: int, world: int,
+                      batch_size: int, limit: int | None = None) -> Iterator[dict]:
+    """Collated batches of this rank's scenes for one pass (Ray Data or the local loop)."""
+    sub = rank_plan(cfg, split, mode, epoch, rank, world, limit)
+    if not sub.paths:
         return
-    sub = pipeline.DatasetPlan(**{**p.__dict__, "paths": mine,
-                                  "scene_ids": [x.stem for x in mine]})
     if cfg.data.loader == "ray":
         yield from pipeline.iter_batches_ray(pipeline.ray_dataset_from_plan(sub, cfg, epoch, cfg.seed), batch_size)
     else:
@@ -292,6 +328,16 @@ def pseudo_label_confusion(model, cfg: cfgmod.Config, num_classes: int, rank: in
     return {k: M.all_reduce_sum(v) for k, v in conf.items()}
 
 
+def val_miou_3d(teacher, cfg: cfgmod.Config, class_names: tuple[str, ...], rank: int, world: int,
+                device: torch.device) -> float:
+    """3D mIoU of the teacher on the val split, as the reference validates stage cmg to pick its
+    best checkpoint: logits masked by the scene tags, argmax per point (no region pooling). Reads
+    val GT: used only by the oracle option optim.cmg_rpc_init = 'best_val'."""
+    val = cfgmod.replace(cfg, **{"data.train_split": cfg.data.val_split, "loss.rpc.mode": "point"})
+    conf = pseudo_label_confusion(teacher, val, len(class_names), rank, world, device, None)["3d"]
+    return float(M.metrics_dict(conf, class_names, prefix="val_")["val_miou"])
+
+
 @torch.no_grad()
 def segmentation_confusion(net, cfg: cfgmod.Config, split: str, num_classes: int, rank: int, world: int,
                            device: torch.device) -> torch.Tensor:
@@ -438,6 +484,9 @@ def train_func(loop_config: dict) -> None:
     run_dir = Path(loop_config["run_dir"])
     stages: list[str] = list(loop_config["stages"])
     ctx = ray.train.get_context()
+    # rayseg prints its own progress and epoch lines: not Ray Train's "Reported metrics: {...}"
+    # dump of every report (its warnings and errors still show).
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = torch.device("cpu")
     if cfg.ray.use_gpu and torch.cuda.is_available():
@@ -456,10 +505,14 @@ def train_func(loop_config: dict) -> None:
     optimizer = make_optimizer(params, cfg, stages[0])
     thresholds = {side: L.ThresholdState.from_config(cfg.loss.rpc, num_classes) for side in ("3d", "2d")}
     progress = Progress()
+    best_cmg = None  # optim.cmg_rpc_init 'best_val' (an oracle): stage cmg's best weights on val
 
     # Resume: Ray Train's checkpoint (worker restart) or the run directory's (driver restart).
     with ray_checkpoint_file(ray.train.get_checkpoint()) as ray_file:
         ckpt_file, state = resume_state(ray_file, run_dir, device)
+    if rank == 0:
+        for partial in remove_partial_ray_copies(run_dir):
+            print(f"[rayseg] removed {partial}: Ray Train's copy of a checkpoint, cut short by a kill", flush=True)
     if state is not None:
         student.load_state_dict(state["student"])
         if teacher is not None:
@@ -468,6 +521,7 @@ def train_func(loop_config: dict) -> None:
         for side, ts in thresholds.items():
             ts.load_state_dict(state["thresholds"][side])
         progress = Progress(**state["progress"])
+        best_cmg = state.get("best_cmg")
         if rank == 0:
             print(f"[rayseg] resumed from {ckpt_file} at stage {stages[progress.stage_index]} "
                   f"epoch {progress.epoch} step {progress.step}", flush=True)
@@ -478,8 +532,8 @@ def train_func(loop_config: dict) -> None:
 
     # MLflow (rank 0): one child run per stage under the pipeline run, reattached on resume
     # (tracking.stage_tracker); steps continue across stages (loop_config["step_offset"] first).
-    stage_tags = {"rayseg.region_column": cfg.data.region_column,
-                  "rayseg.oracle": str(stages != ["seg"] and is_oracle(cfg.data.region_column)).lower()}
+    oracle = stages != ["seg"] and (is_oracle(cfg.data.region_column) or cfg.optim.cmg_rpc_init == "best_val")
+    stage_tags = {"rayseg.region_column": cfg.data.region_column, "rayseg.oracle": str(oracle).lower()}
     tracker = None
     try:
         while progress.stage_index < len(stages):
@@ -495,19 +549,33 @@ def train_func(loop_config: dict) -> None:
                 log_tag_prior(cfg, tracker)
             epochs, base_lr = stage_schedule(cfg, stage)
             if progress.stage_index > 0 and progress.stage_step == 0:
+                if stage == "cmg_rpc" and best_cmg is not None:
+                    student.load_state_dict(best_cmg["student"])
+                    teacher.load_state_dict(best_cmg["teacher"])
+                    if rank == 0:
+                        print(f"[rayseg] ORACLE: stage cmg_rpc starts from stage cmg's epoch {best_cmg['epoch']}, "
+                              f"the best on val GT (3D mIoU {best_cmg['miou']:.4f})", flush=True)
                 optimizer = make_optimizer(params, cfg, stage)  # a fresh SGD per stage, as the reference
             per_rank_batch = max(1, cfg.optim.batch_size // world)
             n_train = len(pipeline.plan(scfg.data.root, scfg.data.train_split, scfg, "train", 0, cfg.seed).paths)
             steps_per_loop = math.ceil((n_train // world if world > 1 else n_train) / per_rank_batch)
             total_steps = max(1, epochs * cfg.optim.loops_per_epoch * steps_per_loop)
+
+            def data_epoch_of(epoch: int, loop_i: int) -> int:
+                return (progress.stage_index * 100_000) + epoch * cfg.optim.loops_per_epoch + loop_i
+
+            stream = train_pass_stream(scfg, [data_epoch_of(e, i) for e in range(progress.epoch, epochs)
+                                              for i in range(cfg.optim.loops_per_epoch)], rank, world, per_rank_batch)
+            stage_t0, stage_step0 = time.time(), progress.stage_step
             while progress.epoch < epochs:
-                t0, scenes, sums = time.time(), 0, {}
+                t0, scenes, sums, data_wait = time.time(), 0, {}, [0.0]
                 last_print = t0
                 student.train()
                 for loop_i in range(cfg.optim.loops_per_epoch):
-                    data_epoch = (progress.stage_index * 100_000) + progress.epoch * cfg.optim.loops_per_epoch + loop_i
-                    for batch in iter_rank_batches(scfg, scfg.data.train_split, "train", data_epoch, rank, world,
-                                                   per_rank_batch):
+                    data_epoch = data_epoch_of(progress.epoch, loop_i)
+                    batches = stream.batches(data_epoch) if stream is not None else iter_rank_batches(
+                        scfg, scfg.data.train_split, "train", data_epoch, rank, world, per_rank_batch)
+                    for batch in timed_batches(batches, data_wait):
                         b = to_device(batch, device)
                         lr = poly_lr(base_lr, progress.stage_step, total_steps, cfg.optim.poly_power)
                         for group in optimizer.param_groups:
@@ -538,13 +606,17 @@ def train_func(loop_config: dict) -> None:
                         if rank == 0 and time.time() - last_print > PROGRESS_SECONDS:
                             last_print = time.time()
                             done = progress.stage_step / total_steps
+                            per_step = (last_print - stage_t0) / max(1, progress.stage_step - stage_step0)
                             print(f"[rayseg] {stage} epoch {progress.epoch + 1}/{epochs} step {progress.stage_step}/"
                                   f"{total_steps} ({100 * done:.0f}%) loss={log['loss']:.4f} lr={lr:.4g} "
-                                  f"{scenes * world / max(time.time() - t0, 1e-9):.2f} scenes/s", flush=True)
+                                  f"{scenes * world / max(last_print - t0, 1e-9):.2f} scenes/s, data wait "
+                                  f"{100 * data_wait[0] / max(last_print - t0, 1e-9):.0f}%, stage ETA "
+                                  f"{format_seconds(per_step * (total_steps - progress.stage_step))}", flush=True)
                 elapsed = time.time() - t0
                 n = max(1, sums.pop("_n", 1))
                 summary = {f"{stage}/epoch_{k}": v / n for k, v in sums.items()}
                 summary[f"{stage}/scenes_per_s"] = scenes * world / max(elapsed, 1e-9)
+                summary[f"{stage}/data_wait_share"] = data_wait[0] / max(elapsed, 1e-9)
                 # Monitor: pseudo-label quality of the EMA teacher (stages cmg / cmg_rpc); GT only here.
                 report = dict(summary)
                 if stage != "seg" and cfg.data.monitor_scenes:
@@ -556,6 +628,13 @@ def train_func(loop_config: dict) -> None:
                                                          epoch=progress.epoch + 1) \
                                 if rank == 0 else M.metrics_dict(c, class_names, prefix=f"pseudo_{side}_")
                             report[f"pseudo_miou_{side}"] = vals[f"pseudo_{side}_miou"]
+                if stage == "cmg" and cfg.optim.cmg_rpc_init == "best_val":
+                    miou = val_miou_3d(teacher, scfg, class_names, rank, world, device)
+                    report["oracle_val_miou_3d"] = summary[f"{stage}/oracle_val_miou_3d"] = miou
+                    if best_cmg is None or miou > best_cmg["miou"]:
+                        best_cmg = {"miou": miou, "epoch": progress.epoch + 1,
+                                    "student": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
+                                    "teacher": {k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()}}
                 tracker.log_metrics(epoch_metrics(stage, summary, progress.epoch + 1), progress.step)
                 progress.epoch += 1
                 progress.history.append({"stage": stage, "epoch": progress.epoch, **report})
@@ -568,7 +647,8 @@ def train_func(loop_config: dict) -> None:
                          "optimizer": optimizer.state_dict(),
                          "thresholds": {side: ts.state_dict() for side, ts in thresholds.items()},
                          "generator": _gather_generator_states(generator, world),
-                         "config": loop_config["config"], "class_names": class_names, "stages": stages}
+                         "config": loop_config["config"], "class_names": class_names, "stages": stages,
+                         "best_cmg": best_cmg}
                 _report(state, progress, stage, run_dir, rank, {**report, "step": progress.step,
                                                                 "stage": stage, "epoch": progress.epoch},
                         cfg.tracking.keep_checkpoints)
@@ -601,6 +681,9 @@ def _report(state: dict, progress: Progress, stage: str, run_dir: Path, rank: in
 
     if rank == 0:
         path = save_checkpoint(run_dir, state, progress, stage, keep)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+        # Ray's copy keeps the checkpoint's name, so a copy cut short by a kill can be told apart
+        # (remove_partial_ray_copies).
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
+                         checkpoint_dir_name=path.name)
     else:
         ray.train.report(metrics)
