@@ -143,3 +143,29 @@ def test_ray_checkpoint_is_read_in_place_or_copied_privately(tmp_path):
     assert len({p.parent for p in seen}) == 2 and all(p != src / "state.pt" for p in seen)
     assert not any(p.parent.exists() for p in seen)
     assert _ray_checkpoint_dirs() == before  # nothing left in the system temp dir
+
+
+def test_partial_ray_copies_are_removed_and_complete_ones_kept(tmp_path):
+    from rayseg.train.checkpoint import remove_partial_ray_copies
+
+    run = tmp_path / "run"
+    names = []
+    for step in (2, 4, 6):
+        names.append(save_checkpoint(run, {"w": torch.ones(1000)}, Progress(step=step, epoch=step // 2), "cmg").name)
+    size = (run / "checkpoints" / names[0] / "state.pt").stat().st_size
+    trainer = run / "ray" / "tiny-train-cmg-abc123"
+    for name in names:  # Ray's copies, as ray.train.report(checkpoint_dir_name=name) names them
+        (trainer / name).mkdir(parents=True)
+    (trainer / names[0] / "state.pt").write_bytes((run / "checkpoints" / names[0] / "state.pt").read_bytes())
+    (trainer / names[1] / "state.pt").write_bytes(b"\0" * (size // 2))  # the kill came mid-copy
+    # names[2]: killed before the file was created (empty folder)
+    pruned = trainer / "000000000-cmg-e0000"  # its original is gone: Ray prunes its own copy
+    pruned.mkdir()
+    (pruned / "state.pt").write_bytes(b"x")
+    (trainer / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's own files: untouched
+
+    assert remove_partial_ray_copies(run) == [trainer / names[1], trainer / names[2]]
+    assert (trainer / names[0] / "state.pt").stat().st_size == size
+    assert not (trainer / names[1]).exists() and not (trainer / names[2]).exists()
+    assert pruned.exists() and (trainer / "checkpoint_manager_snapshot.json").exists()
+    assert remove_partial_ray_copies(run) == [] and remove_partial_ray_copies(tmp_path / "none") == []

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 # Runs in its own process (one Ray per process): starts Ray the way rayseg's commands do, runs
 # one task so a worker exists, then lists the TCP sockets its process tree listens on.
 SCRIPT = """
@@ -54,3 +56,33 @@ def test_local_ray_listens_on_loopback_only():
     public = [entry for entry in got["listening"] if entry[1] not in LOOPBACK]
     assert not public, public
 
+
+
+# A Ray Train worker that prints one line, started the way rayseg's train / tune start Ray.
+PRINT_ONCE = """
+import sys
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+from rayseg import config as cfgmod
+from rayseg.train import launch
+
+launch.init_ray(cfgmod.Config())
+
+def train(config):
+    print("rayseg-marker-7f3a", flush=True)
+
+TorchTrainer(train, torch_config=TorchConfig(backend="gloo"),
+             scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+             run_config=ray.train.RunConfig(storage_path=sys.argv[1], name="print-once")).fit()
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_line_reaches_the_console_once(tmp_path):
+    """Ray Train's print patch echoed every worker line twice (measured: 2 with
+    RAY_TRAIN_ENABLE_PRINT_PATCH=1, rayseg's launch now sets it to 0)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_TRAIN_ENABLE_PRINT_PATCH"}
+    out = subprocess.run([sys.executable, "-c", PRINT_ONCE, str(tmp_path / "ray")], capture_output=True, text=True,
+                         timeout=300, env={**env, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (out.stdout + out.stderr).count("rayseg-marker-7f3a") == 1, out.stdout[-3000:]

@@ -85,3 +85,27 @@ def ray_checkpoint_file(ckpt) -> Iterator[Path | None]:
         yield tmp / CHECKPOINT_FILE
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_partial_ray_copies(run_dir: str | Path) -> list[Path]:
+    """Delete Ray Train's copies of the run directory's checkpoints that a kill cut short.
+
+    Rank 0 hands every checkpoint it writes (``checkpoints/<name>/state.pt``) to Ray Train, which
+    copies it into its storage under the same name (``ray/<trainer run>/<name>/``) and registers
+    it only once the copy is complete. A kill during the copy leaves a truncated file there that
+    nothing restores or removes (266 MB on a real run). A copy whose ``state.pt`` is missing or
+    differs in size from the original's is such a remnant; a copy whose original was pruned is
+    left to Ray, which prunes its own. Returns the removed folders."""
+    run_dir = Path(run_dir)
+    removed = []
+    for copy in sorted((run_dir / "ray").glob("*/?????????-*-e????")):
+        original = run_dir / "checkpoints" / copy.name / CHECKPOINT_FILE
+        if not copy.is_dir() or not original.is_file():
+            continue
+        mine = copy / CHECKPOINT_FILE
+        if mine.is_file() and mine.stat().st_size == original.stat().st_size:
+            continue
+        shutil.rmtree(copy, ignore_errors=True)
+        removed.append(copy)
+    return removed
+

@@ -31,6 +31,9 @@ def quiet_environment() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ray Train's workers otherwise route print() to a logger that echoes it to the console, and
+    # also print it themselves when stdout is wrapped (it is): every line of a worker came twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 def init_ray(cfg: cfgmod.Config) -> None:
@@ -43,7 +46,8 @@ def init_ray(cfg: cfgmod.Config) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {k: os.environ[k] for k in ("RAY_USAGE_STATS_ENABLED", "MLFLOW_DISABLE_TELEMETRY",
-                                                   "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS") if k in os.environ}}
+                                                   "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS",
+                                                   "RAY_TRAIN_ENABLE_PRINT_PATCH") if k in os.environ}}
     if address:
         # On a cluster the job's runtime env (cluster/runtime_env.yaml) carries these variables;
         # passing our own here would make Ray refuse to merge the two.
