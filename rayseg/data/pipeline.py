@@ -397,6 +397,7 @@ def plan(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0, s
     entries = sorted((e for e in manifest["scenes"] if e["split"] == split), key=lambda e: e["scene_id"])
     if not entries:
         raise PipelineError(f"{root}: no scenes in split {split!r} (manifest has {manifest.get('splits')})")
+    shards.check_listed_files(root, entries, manifest)  # a missing / truncated shard named before Ray reads it
     paths = [root / e["path"] for e in entries]
     available = shards.shard_columns(paths[0])
     region_key, view_region_key = region_keys(cfg)
@@ -539,22 +540,28 @@ def iter_batches(root: str | Path, split: str, cfg: Config, mode: str, epoch: in
 
 
 def configure_ray_data(cfg: Config) -> None:
-    """ENVIRONMENT.md settings: scene-sized blocks, few Parquet footer actors, ordered output
-    (so batches are the same as the plain loop's). Ray Data's listing and read tasks each need a
-    whole free CPU (measured on Ray 2.60: with only 0.5 CPU free it waits forever), so training
-    workers must leave at least one CPU of the cluster unclaimed."""
+    """ENVIRONMENT.md settings: scene-sized blocks, ordered output (so batches are the same as the
+    plain loop's), and a quiet terminal: no per-dataset progress bars or "Starting execution"
+    banners (training prints its own progress line), Ray Data's logger at warnings only. Ray
+    Data's read tasks each need a whole free CPU (measured on Ray 2.60: with only 0.5 CPU free
+    it waits forever), so training workers must leave at least one CPU of the cluster unclaimed."""
     import ray.data
 
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = cfg.ray.data_block_mb * 1024 * 1024
     ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
 
 def ray_dataset(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0, seed: int | None = None):
     """The per-scene part of the pipeline as a lazy ray.data.Dataset of samples, in epoch order:
-    read_parquet (needed columns only, one row per shard) -> map(sample_from_row: decode +
-    make_sample). Batch it with iter_batches_ray. Checks the dataset (plan) before Ray starts work."""
+    one task per shard (read the needed columns -> sample_from_row: decode + make_sample). Batch
+    it with iter_batches_ray. Checks the dataset (plan) before Ray starts work."""
     seed = cfg.seed if seed is None else seed
     return ray_dataset_from_plan(plan(root, split, cfg, mode, epoch, seed), cfg, epoch, seed)
 
@@ -562,14 +569,65 @@ def ray_dataset(root: str | Path, split: str, cfg: Config, mode: str, epoch: int
 def ray_dataset_from_plan(p: DatasetPlan, cfg: Config, epoch: int, seed: int):
     """ray_dataset over the plan's shards (e.g. one rank's slice of plan(...).paths), in order.
     epoch and seed must be the ones the plan was made with."""
+    return ray_dataset_from_plans([(epoch, p)], cfg, seed)
+
+
+def ray_dataset_from_plans(plans: list[tuple[int, DatasetPlan]], cfg: Config, seed: int):
+    """One Ray Data dataset over several passes: the samples of each (epoch, plan) in turn, each
+    made with its own epoch's random draws. Built from the plans' shard paths (from_items), so
+    there is no Parquet listing or footer scan per pass: every task reads its one-row shard
+    with the plain loop's reader and gives the plain loop's sample."""
     import ray.data
 
-    if not p.paths:
-        raise PipelineError(f"{p.root}: the plan for split {p.split!r} has no shards")
+    for _, p in plans:
+        if not p.paths:
+            raise PipelineError(f"{p.root}: the plan for split {p.split!r} has no shards")
+    if not plans:
+        raise PipelineError("no passes to read")
     configure_ray_data(cfg)
-    ds = ray.data.read_parquet([str(x) for x in p.paths]).select_columns(p.read_columns)  # pushed into the read
-    return ds.map(functools.partial(sample_from_row, columns=p.columns, cfg=cfg, mode=p.mode, epoch=epoch,
-                                    seed=seed, class_names=p.class_names))
+    items = [{"path": str(path), "pass": i} for i, (_, p) in enumerate(plans) for path in p.paths]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.map(functools.partial(_sample_from_item, plans=[(e, _plan_spec(p)) for e, p in plans], cfg=cfg,
+                                    seed=seed))
+
+
+def _plan_spec(p: DatasetPlan) -> dict:
+    """What a read task needs of a plan (not its path list: a task reads one given path)."""
+    return {"columns": p.columns, "read_columns": p.read_columns, "mode": p.mode, "class_names": p.class_names}
+
+
+def _sample_from_item(item: dict, plans: list[tuple[int, dict]], cfg: Config, seed: int) -> dict:
+    epoch, spec = plans[item["pass"]]
+    path = Path(item["path"])
+    try:
+        return sample_from_row(_read_row(path, spec["read_columns"]), spec["columns"], cfg, spec["mode"], epoch,
+                               seed, spec["class_names"])
+    except shards.ShardError as exc:
+        raise shards.ShardError(f"shard {path}: {exc}") from None
+
+
+class RayPassStream:
+    """Batches of consecutive training passes streamed from ONE Ray Data dataset, so the data of
+    the next pass is being made while this one trains (no dataset rebuilt and no pipeline
+    restarted per epoch). `batches(epoch)` must be called for the planned epochs in order; each
+    yields exactly that pass's batches (batches never span two passes)."""
+
+    def __init__(self, plans: list[tuple[int, DatasetPlan]], cfg: Config, seed: int, batch_size: int):
+        self._counts = [(epoch, len(p.paths)) for epoch, p in plans]
+        self._dataset = ray_dataset_from_plans(plans, cfg, seed)
+        self._batch_size = batch_size
+        self._rows: Iterator | None = None
+        self._next = 0
+
+    def batches(self, epoch: int) -> Iterator[dict]:
+        if self._next >= len(self._counts) or self._counts[self._next][0] != epoch:
+            planned = [e for e, _ in self._counts[self._next:]]
+            raise PipelineError(f"pass stream: epoch {epoch} requested, the next planned passes are {planned}")
+        count = self._counts[self._next][1]
+        self._next += 1
+        if self._rows is None:
+            self._rows = iter(self._dataset.iter_rows())
+        yield from _batches((from_ray_row(next(self._rows)) for _ in range(count)), self._batch_size)
 
 
 def from_ray_row(row: Any) -> dict:
