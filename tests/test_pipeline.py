@@ -163,6 +163,29 @@ def test_ray_data_gives_the_plain_loop_batches(dataset, ray_local):
     assert other["teacher_scene_id"] != this["teacher_scene_id"]
 
 
+def test_ray_pass_stream_gives_each_epochs_plain_batches(dataset, ray_local, capsys):
+    """Training's Ray Data stream: one dataset over several epochs (no rebuild per epoch) gives
+    each epoch exactly the plain loop's batches of that epoch, asked for in order only; and
+    Ray Data prints no per-dataset banner."""
+    cfg = small_config()
+    epochs = [4, 5]
+    plans = [(e, P.plan(dataset, "train", cfg, "train", e, 7)) for e in epochs]
+    stream = P.RayPassStream(plans, cfg, seed=7, batch_size=2)
+    with pytest.raises(P.PipelineError, match="epoch 5 requested"):
+        next(stream.batches(5))
+    for epoch in epochs:
+        plain = list(P.iter_batches(dataset, "train", cfg, "train", epoch=epoch, seed=7, batch_size=2))
+        via_ray = list(stream.batches(epoch))
+        assert [b["teacher_scene_id"] for b in via_ray] == [b["teacher_scene_id"] for b in plain]
+        for a, b in zip(plain, via_ray):
+            for k in a:
+                if isinstance(a[k], np.ndarray):
+                    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert len(plain) == 3  # 5 scenes in batches of 2
+    out = capsys.readouterr()
+    assert "Starting execution" not in out.out + out.err and "Execution plan" not in out.out + out.err
+
+
 def _corrupt_labels(src, dst):
     """Copy of the dataset whose GT columns hold undecodable bytes."""
     shutil.copytree(src, dst)

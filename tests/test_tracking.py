@@ -6,7 +6,7 @@ checkpoints predict."""
 
 from __future__ import annotations
 
-import os
+import json
 import subprocess
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import ray
 import torch
 
 from rayseg import config as cfgmod
-from rayseg.data import pipeline, shards
+from rayseg.data import shards
 from rayseg.data.prepare import prepare_synthetic
 from rayseg.partition.job import run_partition
 from rayseg.predict import PointSegmenter, segmenter_from_run
@@ -34,7 +34,8 @@ def pipeline_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tracking")
     cfg = cfgmod.replace(cfgmod.Config(), **TINY, **{
         "data.root": str(tmp / "data"), "tracking.runs_dir": str(tmp / "runs"), "name": "tiny",
-        "tracking.system_metrics_interval": 0.5, "tracking.register_models": True})
+        "tracking.system_metrics_interval": 0.5, "tracking.register_models": True,
+        "data.num_views": 0})  # 3D only: the tracking is under test, not the 2D branch
     launch.init_ray(cfg)
     assert prepare_synthetic(cfg.synthetic, cfg.data.root).ok
     assert run_partition(cfg.data.root, ["shape_detection"], cfg).ok
@@ -97,8 +98,8 @@ def test_metrics_one_step_axis_without_stage_prefix(pipeline_runs):
     assert {v for _, v in _history(client, rpc.info.run_id, "stage")} == {float(tracking.STAGE_INDEX["cmg_rpc"])}
     assert "loss_weighted/rpc_3d" in rpc.data.metrics and "rpc_3d" not in str(sorted(cmg.data.metrics))
     # the weighted term is weight x term, step by step; the total is their sum
-    weighted = dict(_history(client, rpc.info.run_id, "loss_weighted/con_3d"))
-    weight, term = dict(_history(client, rpc.info.run_id, "weight/con_3d")), dict(_history(client, rpc.info.run_id, "loss/con_3d"))
+    weighted = dict(_history(client, rpc.info.run_id, "loss_weighted/rpc_3d"))
+    weight, term = dict(_history(client, rpc.info.run_id, "weight/rpc_3d")), dict(_history(client, rpc.info.run_id, "loss/rpc_3d"))
     for step in (3, 4):
         assert weighted[step] == pytest.approx(weight[step] * term[step], rel=1e-6)
     total = dict(_history(client, rpc.info.run_id, "loss"))
@@ -129,7 +130,7 @@ def test_models_logged_and_loadable(pipeline_runs, monkeypatch):
                                    (segmenter, tracking.read_record(seg_dir)["stage_runs"]["seg"], "segmenter")):
         logged = client.get_logged_model(model["model_id"])
         assert logged.source_run_id == stage_run and logged.name == name
-        assert tuple(__import__("json").loads(logged.tags["rayseg.class_names"])) == names
+        assert tuple(json.loads(logged.tags["rayseg.class_names"])) == names
         assert model["model_id"] in [m.model_id for m in client.get_run(stage_run).outputs.model_outputs]
         versions = client.search_model_versions(f"name = 'tiny-{name}'")  # tracking.register_models
         assert [str(v.version) for v in versions] == ["1"]
