@@ -45,3 +45,12 @@ runs_dir = "{tmp_path / 'runs'}"
     assert "final val mIoU (3D)" in out.stdout and "mlflow ui --backend-store-uri sqlite:///" in out.stdout
     assert (tmp_path / "runs" / "mlflow.db").is_file()
     assert len(list((tmp_path / "runs").glob("synthetic-demo-train-*/pseudo_labels/train/*.parquet"))) == 3
+    # MLflow: one demo run, its stages as children, the final numbers on it
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("synthetic-demo")
+    (demo,) = client.search_runs([exp.experiment_id], filter_string="tags.rayseg.pipeline = 'demo'")
+    stages = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{demo.info.run_id}'")
+    assert sorted(r.info.run_name for r in stages) == ["cmg", "cmg_rpc", "pseudo_label", "seg"]
+    assert demo.info.status == "FINISHED" and {"pseudo_final_3d_miou", "val_3d_miou"} <= set(demo.data.metrics)
