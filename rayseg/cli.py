@@ -372,6 +372,24 @@ def _add_predict_parser(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def cmd_pretrain_2d(args: argparse.Namespace) -> int:
+    from rayseg.pretrain2d import pretrain_2d
+
+    path = pretrain_2d(_load(args).config, args.out, force=args.force)
+    print(f"2D stand-in weights (NOT ImageNet; synthetic object crops): {path}\n"
+          f"use them with --set model.init_2d={path}")
+    return 0
+
+
+def _add_pretrain_2d_parser(sub) -> None:
+    p = sub.add_parser("pretrain-2d", help="a STAND-IN for ImageNet 2D weights: a ResNet trained on object "
+                                           "crops of synthetic rooms of their own seed (cached)")
+    _add_config_args(p, required=False)
+    p.add_argument("--out", default=None, help="output file (default: the per-machine cache, pretrain_2d.cache_dir)")
+    p.add_argument("--force", action="store_true", help="train again even when a file with these settings exists")
+    p.set_defaults(func=cmd_pretrain_2d)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayseg", description="rayseg: scene-level tags -> per-point pseudo-labels -> a 3D segmenter, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -566,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # predict (rayseg.predict)
     _add_predict_parser(sub)
+    _add_pretrain_2d_parser(sub)
 
     # Subcommands of the other modules register here (one block each).
     return parser

@@ -515,6 +515,49 @@ class TuneConfig:
 
 
 @dataclass(kw_only=True)
+class Pretrain2DConfig:
+    """`rayseg pretrain-2d`: a STAND-IN for ImageNet weights, trained offline on object crops of
+    synthetic rooms of their own seed (rayseg/pretrain2d.py). `model.init_2d` = the file it writes."""
+
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet34"
+    """torchvision ResNet to train (use the experiment's model.backbone_2d)."""
+    seed: int = 7_000_001
+    """Seed of the corpus rooms: keep it apart from every benchmark / demo `synthetic.seed`."""
+    rooms: int = 160
+    """Corpus rooms."""
+    views_per_room: int = 6
+    """Rendered views per room."""
+    image_width: int = 160
+    """Rendered view width."""
+    image_height: int = 120
+    """Rendered view height."""
+    crop_size: int = 64
+    """Crops are resized to this square size."""
+    min_pixels: int = 60
+    """A class component needs this many pixels to give a crop."""
+    margin: float = 0.15
+    """Crop margin around the component's bounding box, as a fraction of its side."""
+    max_crops_per_class: int = 6
+    """At most this many crops of one class per room (walls and floors would swamp the corpus)."""
+    steps: int = 900
+    """SGD steps."""
+    batch_size: int = 64
+    """Crops per step."""
+    lr: float = 0.05
+    """Initial learning rate (cosine decay to 0)."""
+    cache_dir: str = "~/.cache/rayseg/pretrain2d"
+    """Where the default output is cached (one file per settings)."""
+
+    def __post_init__(self) -> None:
+        for name in ("rooms", "views_per_room", "steps", "batch_size", "max_crops_per_class"):
+            _check(getattr(self, name) > 0, name, "must be > 0")
+        _check(self.crop_size >= 16, "crop_size", "must be >= 16")
+        _check(self.min_pixels >= 1, "min_pixels", "must be >= 1")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(0 <= self.margin <= 1, "margin", "must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
 class Config:
     """A whole experiment."""
 
@@ -532,6 +575,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    pretrain_2d: Pretrain2DConfig = field(default_factory=Pretrain2DConfig)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,195 @@
+"""A STAND-IN for ImageNet weights: 2D pretraining on object crops of synthetic rooms.
+
+The paper's 2D branch starts from ImageNet weights (Table 7: 48.2 with them, 40.0 without).
+Offline there are none, so this builds their analogue for the synthetic world: an image
+*classification* corpus (one class label per crop, not per-pixel labels), like ImageNet, rendered
+from synthetic rooms of their own seed (`pretrain_2d.seed`), so no benchmark or demo room, view
+or label enters it (a synthetic room is a function of (seed, index) alone), then a plain
+torchvision ResNet trained on it on the CPU. The result is a torchvision state dict that
+`model.init_2d = <path>` loads like any local checkpoint (its `fc` head is ignored there).
+
+It is a stand-in, labelled so everywhere: the file's sidecar JSON says `"stand_in": true`, and
+nothing here says anything about ImageNet-pretrained weights on real images.
+
+Crops: every view of every corpus room is split into the connected pixel components of each
+class; a component of at least `min_pixels` pixels gives one square crop around its bounding box
+(with a margin, so the object's surroundings are in view, as in ImageNet photos), resized to
+`crop_size`; a component wider than half the view (walls, floors) gives a half-size window
+centred on one of its pixels instead. At most `max_crops_per_class` crops of a class per room keep walls and floors from
+swamping the corpus.
+
+`pretrain_2d(cfg, out)` is cached: a file whose sidecar records the same settings is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+
+from rayseg import atomic
+from rayseg.config import Config, Pretrain2DConfig, SyntheticConfig
+from rayseg.data.pipeline import normalize_images
+from rayseg.data.synthetic import class_names, generate_scene
+from rayseg.models._torchvision import import_torchvision
+
+__all__ = ["render_crops", "train_classifier", "pretrain_2d", "default_path", "settings_digest"]
+
+
+def corpus_config(cfg: Pretrain2DConfig, profile: str) -> SyntheticConfig:
+    """The synthetic rooms of the corpus: their own seed, every room used (no val split)."""
+    return SyntheticConfig(profile=profile, num_scenes=cfg.rooms, val_fraction=0.0, num_views=cfg.views_per_room,
+                           image_width=cfg.image_width, image_height=cfg.image_height, seed=cfg.seed,
+                           min_points=2000, max_points=4000, points_per_m2=20.0)
+
+
+def _square_box(rows: slice, cols: slice, margin: float, height: int, width: int) -> tuple[int, int, int, int]:
+    """A square box (top, left, bottom, right) around a component's bounding box, widened by
+    `margin` of its side, shifted (not cut) to stay inside the image where the image allows."""
+    cy, cx = (rows.start + rows.stop) / 2, (cols.start + cols.stop) / 2
+    side = int(round(max(rows.stop - rows.start, cols.stop - cols.start) * (1 + 2 * margin)))
+    side = max(8, min(side, height, width))
+    top = int(round(min(max(cy - side / 2, 0), height - side)))
+    left = int(round(min(max(cx - side / 2, 0), width - side)))
+    return top, left, top + side, left + side
+
+
+def render_crops(cfg: Pretrain2DConfig, profile: str = "scannet20") -> tuple[np.ndarray, np.ndarray]:
+    """The corpus: uint8 crops (K, s, s, 3) and their class ids (K,) int64."""
+    syn = corpus_config(cfg, profile)
+    crops, labels = [], []
+    for index in range(cfg.rooms):
+        scene = generate_scene(syn, index)
+        rng = np.random.default_rng([cfg.seed, index, 1])
+        for c in range(len(class_names(profile))):
+            boxes = []
+            for v in range(scene["view_label"].shape[0]):
+                components, _ = ndimage.label(scene["view_label"][v] == c)
+                for k, where in enumerate(ndimage.find_objects(components), start=1):
+                    if where is not None and int((components[where] == k).sum()) >= cfg.min_pixels:
+                        boxes.append((v, where))
+            height, width = scene["view_label"].shape[1:]
+            for i in rng.permutation(len(boxes))[:cfg.max_crops_per_class]:
+                v, (rows, cols) = boxes[i]
+                if max(rows.stop - rows.start, cols.stop - cols.start) > min(height, width) // 2:
+                    # a wall or floor spanning the view: a half-size window centred on one of its pixels
+                    ys, xs = np.nonzero(scene["view_label"][v] == c)
+                    j = rng.integers(len(ys))
+                    half = min(height, width) // 4
+                    rows, cols = slice(ys[j] - half, ys[j] + half), slice(xs[j] - half, xs[j] + half)
+                    top, left, bottom, right = _square_box(rows, cols, 0.0, height, width)
+                else:
+                    top, left, bottom, right = _square_box(rows, cols, cfg.margin, height, width)
+                crop = Image.fromarray(scene["view_rgb"][v, top:bottom, left:right])
+                crops.append(np.asarray(crop.resize((cfg.crop_size, cfg.crop_size), Image.BILINEAR)))
+                labels.append(c)
+    if not crops:
+        raise ValueError(f"pretrain_2d: {cfg.rooms} rooms gave no crop of >= {cfg.min_pixels} pixels")
+    return np.stack(crops), np.asarray(labels, np.int64)
+
+
+def _classifier(backbone: str, num_classes: int) -> torch.nn.Module:
+    tv = import_torchvision()
+    return getattr(tv.models, backbone)(weights=None, num_classes=num_classes)
+
+
+def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips and brightness / contrast jitter of a normalised batch."""
+    flip = torch.rand(len(images), generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    gain = 1 + 0.4 * (torch.rand(len(images), 1, 1, 1, generator=generator) - 0.5)
+    shift = 0.4 * (torch.rand(len(images), 1, 1, 1, generator=generator) - 0.5)
+    return images * gain + shift
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, cfg: Pretrain2DConfig, num_classes: int,
+                     log_every: int = 100) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train a plain (undilated) torchvision ResNet to classify the crops; 10 % of them are held
+    out for the accuracy. Returns (state dict, {"held_out_accuracy", "train_accuracy", ...})."""
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(labels), generator=generator).numpy()
+    held = max(1, len(order) // 10)
+    test_idx, train_idx = order[:held], order[held:]
+    x = torch.from_numpy(normalize_images(images))
+    y = torch.from_numpy(labels)
+    net = _classifier(cfg.backbone, num_classes)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+    net.train()
+    t0, correct, seen = time.time(), 0, 0
+    for step in range(cfg.steps):
+        for group in opt.param_groups:  # cosine decay to 0
+            group["lr"] = cfg.lr * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))
+        batch = torch.from_numpy(train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=generator).numpy()])
+        logits = net(_augment(x[batch], generator))
+        loss = F.cross_entropy(logits, y[batch])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        correct += int((logits.argmax(1) == y[batch]).sum())
+        seen += len(batch)
+        if log_every and (step + 1) % log_every == 0:
+            print(f"[rayseg] pretrain-2d step {step + 1}/{cfg.steps} loss={float(loss):.3f} "
+                  f"train acc={correct / seen:.3f} {seen / (time.time() - t0):.0f} images/s", flush=True)
+    net.eval()
+    with torch.no_grad():
+        pred = torch.cat([net(x[torch.from_numpy(test_idx[i:i + 256])]).argmax(1)
+                          for i in range(0, len(test_idx), 256)])
+    held_acc = float((pred == y[torch.from_numpy(test_idx)]).float().mean())
+    counts = np.bincount(labels, minlength=num_classes)
+    return net.state_dict(), {"held_out_accuracy": held_acc, "train_accuracy_running": correct / max(seen, 1),
+                              "crops": int(len(labels)), "held_out": int(held),
+                              "majority_class_share": float(counts.max() / counts.sum()),
+                              "seconds": time.time() - t0}
+
+
+def settings_digest(cfg: Pretrain2DConfig, profile: str) -> str:
+    text = json.dumps({"profile": profile, **asdict(cfg)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def default_path(cfg: Pretrain2DConfig, profile: str) -> Path:
+    """Where the stand-in is cached per machine: one file per settings."""
+    return Path(cfg.cache_dir).expanduser() / f"standin-{profile}-{cfg.backbone}-{settings_digest(cfg, profile)}.pth"
+
+
+def pretrain_2d(config: Config, out: str | Path | None = None, force: bool = False) -> Path:
+    """Render the corpus, train, and save the backbone (torchvision names) atomically at `out`
+    (default: the cache path), with a sidecar `<out>.json`. Reused when the sidecar records the
+    same settings, unless `force`."""
+    cfg, profile = config.pretrain_2d, config.synthetic.profile
+    path = Path(out) if out else default_path(cfg, profile)
+    sidecar = path.with_name(path.name + ".json")
+    settings = {"profile": profile, **asdict(cfg)}
+    if not force and path.is_file() and sidecar.is_file():
+        try:
+            if json.loads(sidecar.read_text()).get("settings") == settings:
+                print(f"[rayseg] pretrain-2d: {path} is up to date (stand-in, cached)", flush=True)
+                return path
+        except json.JSONDecodeError:
+            pass
+    t0 = time.time()
+    images, labels = render_crops(cfg, profile)
+    names = class_names(profile)
+    print(f"[rayseg] pretrain-2d: {len(labels)} crops of {cfg.rooms} rooms (seed {cfg.seed}) in "
+          f"{time.time() - t0:.0f} s; training {cfg.backbone} for {cfg.steps} steps", flush=True)
+    state, stats = train_classifier(images, labels, cfg, len(names))
+    with atomic.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    info = {"stand_in": True,
+            "what": "2D pretraining STAND-IN for ImageNet weights: object crops of synthetic rooms of their own "
+                    "seed (no benchmark or demo room), one class label per crop",
+            "settings": settings, "class_names": list(names), "stats": stats,
+            "class_counts": np.bincount(labels, minlength=len(names)).tolist()}
+    atomic.write_bytes(sidecar, json.dumps(info, indent=2).encode())
+    print(f"[rayseg] pretrain-2d: held-out crop accuracy {stats['held_out_accuracy']:.3f} "
+          f"(majority class {stats['majority_class_share']:.3f}); saved {path}", flush=True)
+    return path
