@@ -1,0 +1,62 @@
+"""The benchmark harness behind benchmarks/train_step.py and benchmarks/gpu_check.py: its split
+step is the training step, it runs without Ray or MLflow, and the torchvision stand-in has
+torchvision's ResNet layout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _harness as H  # noqa: E402
+import _tv_fallback  # noqa: E402
+
+TINY_DEMO = ["synthetic.val_fraction=0.5", "synthetic.num_views=2", "synthetic.image_width=64",
+             "synthetic.image_height=48", "synthetic.min_points=2000", "synthetic.max_points=3000",
+             "data.image_width=64", "data.image_height=48", "data.voxel_size=0.1", "optim.batch_size=2"]
+
+
+def test_split_step_is_the_training_step(tmp_path):
+    """Timing the step part by part (backward in three calls) changes nothing: same loss, same
+    student and teacher after the SGD and EMA updates as the whole step of rayseg.train.loop."""
+    cfg = H.demo_config(tmp_path / "demo", 4, TINY_DEMO)
+    H.prepare_demo_data(cfg, log=lambda _: None)
+    batch = next(H.batches(cfg, 0))
+    whole, split = H.Trainer(cfg), H.Trainer(cfg)
+    loss_whole, _ = whole.step(batch)
+    loss_split, parts = split.step(batch, split=True)
+    assert loss_split == pytest.approx(loss_whole, rel=1e-5)
+    for a, b in ((whole.student, split.student), (whole.teacher, split.teacher)):
+        for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+    assert set(H.PARTS[1:]) <= set(parts) and all(wall >= 0 and cpu >= 0 for wall, cpu in parts.values())
+    assert parts["3d_bwd"][1] > 0 and parts["2d_bwd"][1] > 0  # both branches got their backward
+
+
+def test_training_step_runs_without_ray_or_mlflow():
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import _harness, gpu_check; "
+            "import rayseg.train.loop, rayseg.models.twobranch, rayseg.losses, rayseg.data.pipeline, "
+            "rayseg.partition.job; print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name, kw", [("resnet34", {}), ("resnet50", {"replace_stride_with_dilation": [False, True, True]})])
+def test_torchvision_stand_in_has_torchvisions_resnet_layout(name, kw):
+    from rayseg.models._torchvision import import_torchvision
+
+    real = getattr(import_torchvision().models, name)(weights=None, **kw)
+    stand_in = getattr(_tv_fallback, name)(**kw)
+    assert {k: tuple(v.shape) for k, v in real.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in stand_in.state_dict().items()}
+    stand_in.load_state_dict(real.state_dict())
+    real.eval(), stand_in.eval()
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(stand_in(x), real(x), rtol=1e-4, atol=1e-5)
