@@ -498,6 +498,10 @@ class TuneConfig:
     with_seg: bool = False
     """After pseudo-labelling, also train stage seg on the trial's pseudo-labels and evaluate it on
     val (val_miou_3d). Off: a trial ends with the pseudo-label mIoU (what Tables 2-8 report)."""
+    share_stage1: bool = True
+    """Trials whose stage-cmg settings are equal (e.g. Table 8's rows, which differ only in RPC)
+    train stage cmg once, in <sweep>/stage1/<key>/, and branch from its last checkpoint (hard
+    links, no copy). Off with ASHA, which needs every trial's stage-cmg epochs reported."""
     asha_grace_epochs: int = 1
     """ASHA: epochs every trial runs before it may be stopped."""
     asha_reduction_factor: int = 2

@@ -238,6 +238,33 @@ def test_sweep_resumes_without_redoing_complete_trials(swept):
     assert all((sweep_dir / tune.TRIALS_DIR / d / tune.RESULT_FILE).is_file() for d in trial_dirs)
 
 
+def test_trials_share_stage_cmg_when_its_settings_agree(swept):
+    """The 2x2 grid's eta acts only in stage cmg_rpc, its mode also in stage cmg's monitor: two
+    shared stage-cmg runs, each branched into by the two trials of its mode (hard links)."""
+    sweep_dir = swept["sweep_dir"]
+    shared = sorted((sweep_dir / tune.STAGE1_DIR).glob(f"*/{tune.STAGE1_DONE}"))
+    assert len(shared) == 2
+    for done in shared:
+        name = json.loads(done.read_text())["checkpoint"]
+        assert name.split("-")[1] == "cmg"
+        inode = (done.parent / "checkpoints" / name / "state.pt").stat().st_ino
+        branched = [d.name for d in (sweep_dir / tune.TRIALS_DIR).iterdir()
+                    if (d / "checkpoints" / name / "state.pt").is_file()
+                    and (d / "checkpoints" / name / "state.pt").stat().st_ino == inode]
+        assert len(branched) == 2 and len({n.split("-")[-1] for n in branched}) == 1  # one mode, both etas
+
+
+def test_stage1_key_ignores_only_later_settings():
+    cfg = cfgmod.Config()
+    key = tune.stage1_key(cfg)
+    for later in ({"loss.rpc.eta": 0.3}, {"loss.rpc.threshold": "fixed"}, {"optim.cmg_rpc_lr": 0.01},
+                  {"optim.seg_epochs": 3}, {"tune.with_seg": True}, {"name": "other"}):
+        assert tune.stage1_key(cfgmod.replace(cfg, **later)) == key, later
+    for acting in ({"loss.rpc.ema_decay": 0.99}, {"loss.rpc.mode": "point"}, {"optim.cmg_lr": 0.05},
+                   {"loss.guidance.loss_3d": "none"}, {"seed": 1}, {"optim.cmg_rpc_init": "best_val"}):
+        assert tune.stage1_key(cfgmod.replace(cfg, **acting)) != key, acting
+
+
 def test_sweep_mlflow_parent_and_children(swept):
     tmp, result = swept["tmp"], swept["result"]
     client = _client(tmp)

@@ -49,6 +49,17 @@ SWEEP_FILE = "sweep.json"
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
 RESULT_FILE = "result.json"
+STAGE1_DIR = "stage1"
+STAGE1_DONE = "complete.json"
+
+# Config keys that act only after stage cmg: trials that differ in nothing else share stage cmg.
+# Not here on purpose: loss.rpc.ema_decay (the EMA teacher is updated from the first step),
+# loss.rpc.mode (the stage-cmg monitor pools with it), optim.cmg_rpc_init (decided by stage cmg).
+AFTER_STAGE1_KEYS = frozenset({
+    "optim.cmg_rpc_epochs", "optim.cmg_rpc_lr", "loss.rpc.enabled_3d", "loss.rpc.enabled_2d", "loss.rpc.beta",
+    "loss.rpc.eta", "loss.rpc.threshold", "loss.rpc.warmup_steps", "loss.rpc.teacher_bn", "data.pseudo_labels",
+    "name"})
+AFTER_STAGE1_PREFIXES = ("optim.seg_", "tune.", "tracking.")
 # Settings of the whole sweep (resources, tracking, Tune itself): never a per-trial grid value.
 SWEEP_LEVEL_SECTIONS = ("tune.", "tracking.", "ray.")
 # Config values that are paths: made absolute before trials start (Tune runs trials in their own
@@ -435,6 +446,7 @@ def run_trial(config: dict, sweep: dict) -> None:
         # 1. stages cmg -> cmg_rpc (resumes from the trial's newest checkpoint after an interruption)
         stages = [s for s, n in (("cmg", cfg.optim.cmg_epochs), ("cmg_rpc", cfg.optim.cmg_rpc_epochs)) if n]
         t0 = time.time()
+        branch_from_shared_stage1(cfg, Path(sweep["sweep_dir"]), trial_dir, child_run)
         launch.fit(cfg, trial_dir, stages, parent_run_id=child_run, callbacks=[TuneReportCallback()])
         t_train = time.time() - t0
         progress = _load_state(latest_checkpoint(trial_dir))["progress"]
@@ -453,6 +465,70 @@ def run_trial(config: dict, sweep: dict) -> None:
     print(f"[rayseg] trial {trial_dir.name} complete (training {t_train:.0f} s, pseudo-labels and evaluation "
           f"{time.time() - t0 - t_train:.0f} s): " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
     tune.report(final)
+
+
+def stage1_key(cfg: cfgmod.Config) -> str:
+    """A digest of every setting that acts in stage cmg (all but AFTER_STAGE1_KEYS/_PREFIXES)."""
+    import hashlib
+
+    flat = cfgmod.flatten(cfgmod.to_dict(cfg))
+    acting = {k: v for k, v in flat.items()
+              if k not in AFTER_STAGE1_KEYS and not k.startswith(AFTER_STAGE1_PREFIXES)}
+    return hashlib.sha256(json.dumps(acting, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """dst = src with hard links (a copy where links are impossible), via a temp dir + rename."""
+    import shutil
+
+    tmp = dst.parent / f".tmp-{dst.name}-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    os.replace(tmp, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def branch_from_shared_stage1(cfg: cfgmod.Config, sweep_dir: Path, trial_dir: Path,
+                              parent_run_id: str | None) -> Path | None:
+    """Give a fresh trial stage cmg's last checkpoint from <sweep>/stage1/<key>/, training it
+    there first if no trial has (one trial trains it, the others with the same key wait on a
+    lock file; a killed training resumes from its own checkpoints). The trial then resumes
+    from that checkpoint straight into stage cmg_rpc. Returns the shared run directory, or None
+    when the trial already has checkpoints of its own (a resumed trial) or sharing is off."""
+    import fcntl
+
+    from rayseg.train import launch
+    from rayseg.train.loop import latest_checkpoint
+
+    if not cfg.tune.share_stage1 or cfg.tune.asha or not cfg.optim.cmg_epochs or latest_checkpoint(trial_dir):
+        return None
+    shared = sweep_dir / STAGE1_DIR / stage1_key(cfg)
+    shared.mkdir(parents=True, exist_ok=True)
+    with open(shared.parent / f"{shared.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS if this process dies
+        done = shared / STAGE1_DONE
+        if not done.is_file():
+            if not (shared / launch.RUN_CONFIG_FILE).is_file():
+                _write_atomic(shared / launch.RUN_CONFIG_FILE, cfgmod.dumps(cfg))
+            print(f"[rayseg] training stage cmg once for every trial with its settings: {shared}", flush=True)
+            launch.fit(cfg, shared, ["cmg"], parent_run_id=parent_run_id)
+            _write_atomic(done, json.dumps({"checkpoint": latest_checkpoint(shared).parent.name,
+                                            "trained_for": trial_dir.name}))
+        else:
+            print(f"[rayseg] trial {trial_dir.name} branches from the shared stage cmg in {shared}", flush=True)
+        name = json.loads(done.read_text())["checkpoint"]
+    target = trial_dir / "checkpoints" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        _link_tree(shared / "checkpoints" / name, target)
+    return shared
 
 
 def _load_state(path: Path | None) -> dict:
