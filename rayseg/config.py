@@ -113,6 +113,10 @@ class DataConfig:
     """First N train scenes (by id) whose GT is read, for evaluation only, to monitor pseudo-label
     mIoU during training. They are trained on like every other scene: pseudo-labels are made
     for training scenes, so that is where their quality is measured."""
+    monitor_student: bool = True
+    """Also score the student's pseudo-labels on the monitor scenes (logged as student_pseudo_*),
+    beside the EMA teacher's: in short runs the teacher lags the student by ~1 / (1 - ema_decay)
+    steps, so the student shows first whether anything is learning."""
     loader: Literal["ray", "local"] = "ray"
     """'ray': each worker streams its scenes through Ray Data; 'local': the same per-scene
     pipeline in the worker process (fast unit tests, debugging)."""

@@ -70,7 +70,8 @@ def test_two_stages_pseudo_labels_segment_evaluate(tiny):
     from rayseg.train.tracking import read_record
 
     cmg_metrics = client.get_run(read_record(run_dir)["stage_runs"]["cmg"]).data.metrics
-    for key in ("loss", "loss/cls_3d", "loss/con_3d", "loss/con_2d", "lr", "cls_prior_loss"):
+    for key in ("loss", "loss/cls_3d", "loss/con_3d", "loss/con_2d", "lr", "cls_prior_loss",
+                "pseudo_3d_miou", "student_pseudo_3d_miou"):  # the monitor: EMA teacher and student
         assert key in cmg_metrics, key
     metrics = run.data.metrics
     for key in ("loss/rpc_3d", "loss/rpc_2d", "scenes_per_s", "pseudo_3d_miou", "pseudo_2d_miou"):

@@ -628,6 +628,14 @@ def train_func(loop_config: dict) -> None:
                                                          epoch=progress.epoch + 1) \
                                 if rank == 0 else M.metrics_dict(c, class_names, prefix=f"pseudo_{side}_")
                             report[f"pseudo_miou_{side}"] = vals[f"pseudo_{side}_miou"]
+                    if cfg.data.monitor_student:  # the student leads the EMA teacher: learning shows first here
+                        conf = pseudo_label_confusion(student, scfg, num_classes, rank, world, device,
+                                                      cfg.data.monitor_scenes)
+                        for side, c in conf.items():
+                            if int(c.sum()):
+                                vals = M.metrics_dict(c, class_names, prefix=f"student_pseudo_{side}_")
+                                tracker.log_metrics(vals, progress.step)
+                                report[f"student_pseudo_miou_{side}"] = vals[f"student_pseudo_{side}_miou"]
                 if stage == "cmg" and cfg.optim.cmg_rpc_init == "best_val":
                     miou = val_miou_3d(teacher, scfg, class_names, rank, world, device)
                     report["oracle_val_miou_3d"] = summary[f"{stage}/oracle_val_miou_3d"] = miou
