@@ -596,9 +596,10 @@ def _data_error_types() -> tuple[type, ...]:
     from rayseg.data.shards import ShardError
     from rayseg.partition import PartitionError
     from rayseg.pseudo import PseudoLabelError
+    from rayseg.train.checkpoint import UnsafeCheckpointError
 
     return (FileNotFoundError, NotADirectoryError, ShardError, SceneError, PipelineError, PartitionError,
-            PseudoLabelError)
+            PseudoLabelError, UnsafeCheckpointError)
 
 
 def _data_error(exc: BaseException) -> BaseException | None:

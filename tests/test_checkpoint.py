@@ -169,3 +169,25 @@ def test_partial_ray_copies_are_removed_and_complete_ones_kept(tmp_path):
     assert not (trainer / names[1]).exists() and not (trainer / names[2]).exists()
     assert pruned.exists() and (trainer / "checkpoint_manager_snapshot.json").exists()
     assert remove_partial_ray_copies(run) == [] and remove_partial_ray_copies(tmp_path / "none") == []
+
+
+def test_commands_refuse_a_planted_checkpoint_in_one_line(tmp_path, capsys):
+    from rayseg import cli
+    from rayseg import config as cfgmod
+
+    marker = tmp_path / "code-ran"
+    run = tmp_path / "run"
+    _plant(run, marker)
+    # A dataset for the run to name (evaluate checks it before loading the checkpoint).
+    from rayseg.data import shards, synthetic
+
+    scfg = cfgmod.replace(cfgmod.Config(), **{"synthetic.num_scenes": 1, "synthetic.num_views": 0,
+                                              "synthetic.min_points": 500, "synthetic.max_points": 800}).synthetic
+    shards.write_scene(tmp_path / "data", {**synthetic.generate_scene(scfg, 0), "split": "train"})
+    shards.write_manifest(tmp_path / "data", scfg.profile)
+    cfg = cfgmod.replace(cfgmod.Config(), **{"data.root": str(tmp_path / "data")})
+    (run / "config.toml").write_text(cfgmod.dumps(cfg))
+    assert cli.main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rayseg evaluate: ") and "000000005-cmg-e0001/state.pt: refused to load" in err
+    assert "Traceback" not in err and not marker.exists()
