@@ -134,12 +134,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_steps(device: str, steps: int, workers: int, data: Path, scenes: int, split_steps: int) -> dict:
+# --device cpu: the demo's networks on small scenes and images (the code paths, in a minute or two)
+TINY_DEMO = ["synthetic.num_views=2", "synthetic.image_width=64", "synthetic.image_height=48",
+             "synthetic.min_points=2000", "synthetic.max_points=3000", "data.image_width=64", "data.image_height=48",
+             "data.voxel_size=0.1", "optim.batch_size=2"]
+
+
+def train_steps(device: str, steps: int, workers: int, data: Path, scenes: int, split_steps: int,
+                overrides: list[str] = ()) -> dict:
     """`steps` two-branch steps (stage cmg_rpc, every loss term on) of the demo config, batches
     from `workers` background processes; then `split_steps` more, timed part by part."""
     import _harness as H
 
-    cfg = H.demo_config(data, scenes)
+    cfg = H.demo_config(data, scenes, list(overrides))
     H.prepare_demo_data(cfg, log=_log)
     trainer = H.Trainer(cfg, device)
     feed = H.Prefetcher(cfg, workers=workers, depth=max(4, 2 * workers))
@@ -187,7 +194,8 @@ def main() -> int:
     os.environ.setdefault("RAYSEG_OFFLINE", "1")
     tiny = args.device == "cpu"
     if tiny:  # the checks' code paths at a size that runs in a minute or two on a laptop
-        args.voxels, args.parity_voxels, args.scenes = min(args.voxels, 5000), min(args.parity_voxels, 2000), 8
+        args.voxels, args.parity_voxels, args.scenes = min(args.voxels, 2000), min(args.parity_voxels, 1000), 4
+        args.split_steps = min(args.split_steps, 1)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available here (use --device cpu for the tiny CPU run)", file=sys.stderr)
         return 2
@@ -212,14 +220,15 @@ def main() -> int:
         failed.append("parity")
 
     _log(f"2/3 MinkUNet18A forward + backward at {args.voxels} voxels (2 cm) on {args.device}")
-    report["minkunet18a"] = r = bench_minkunet(args.device, args.voxels, 3 if tiny else 10)
+    report["minkunet18a"] = r = bench_minkunet(args.device, args.voxels, 2 if tiny else 10)
     _log(f"    {r['voxels']} voxels: forward {r['forward_ms']:.1f} ms, backward {r['backward_ms']:.1f} ms, step "
          f"{r['step_ms']:.1f} ms" + (f", peak GPU memory {r['peak_gpu_memory_gib']:.2f} GiB" if "peak_gpu_memory_gib" in r else ""))
 
-    data = Path(args.data) if args.data else Path(tempfile.gettempdir()) / f"rayseg-gpu-check-{args.scenes}"
+    data = Path(args.data) if args.data else Path(tempfile.gettempdir()) / f"rayseg-gpu-check-{args.scenes}{'-tiny' if tiny else ''}"
     _log(f"3/3 {args.steps} two-branch steps of synthetic-demo.toml (stage cmg_rpc) on {args.device}, "
          f"{args.workers} data worker(s)")
-    report["train"] = r = train_steps(args.device, args.steps, args.workers, data, args.scenes, args.split_steps)
+    report["train"] = r = train_steps(args.device, args.steps, args.workers, data, args.scenes, args.split_steps,
+                                      TINY_DEMO if tiny else [])
     _log(f"    {r['steps_per_s']:.2f} steps/s, {r['scenes_per_s']:.1f} scenes/s, data wait {100 * r['data_wait_share']:.0f}% "
          f"of the loop, losses finite: {r['losses_finite']}; one step by parts (ms): "
          + ", ".join(f"{k} {v:.0f}" for k, v in r["split_ms"].items()))

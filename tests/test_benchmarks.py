@@ -22,11 +22,18 @@ TINY_DEMO = ["synthetic.val_fraction=0.5", "synthetic.num_views=2", "synthetic.i
              "data.image_width=64", "data.image_height=48", "data.voxel_size=0.1", "optim.batch_size=2"]
 
 
-def test_split_step_is_the_training_step(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """The demo config on 4 small synthetic scenes (2 train), prepared without Ray."""
+    cfg = H.demo_config(tmp_path_factory.mktemp("bench") / "demo", 4, TINY_DEMO)
+    H.prepare_demo_data(cfg, log=lambda _: None)
+    return cfg
+
+
+def test_split_step_is_the_training_step(tiny_demo):
     """Timing the step part by part (backward in three calls) changes nothing: same loss, same
     student and teacher after the SGD and EMA updates as the whole step of rayseg.train.loop."""
-    cfg = H.demo_config(tmp_path / "demo", 4, TINY_DEMO)
-    H.prepare_demo_data(cfg, log=lambda _: None)
+    cfg = tiny_demo
     batch = next(H.batches(cfg, 0))
     whole, split = H.Trainer(cfg), H.Trainer(cfg)
     loss_whole, _ = whole.step(batch)
@@ -37,6 +44,24 @@ def test_split_step_is_the_training_step(tmp_path):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
     assert set(H.PARTS[1:]) <= set(parts) and all(wall >= 0 and cpu >= 0 for wall, cpu in parts.values())
     assert parts["3d_bwd"][1] > 0 and parts["2d_bwd"][1] > 0  # both branches got their backward
+
+
+def test_prefetcher_workers_give_the_plain_loops_batches(tiny_demo):
+    """The GPU check's batch feed (worker processes, across epoch boundaries) yields the plain
+    loop's batches of epoch 0, 1, ... in order."""
+    import numpy as np
+
+    expected = list(H.batches(tiny_demo, 0)) + list(H.batches(tiny_demo, 1))
+    feed = H.Prefetcher(tiny_demo, workers=1, depth=2)
+    try:
+        got = [feed.next() for _ in expected]
+    finally:
+        feed.close()
+    for want, (batch, waited) in zip(expected, got):
+        assert waited >= 0 and batch["teacher_scene_id"] == want["teacher_scene_id"]
+        for k, v in want.items():
+            if isinstance(v, np.ndarray):
+                np.testing.assert_array_equal(batch[k], v, err_msg=k)
 
 
 def test_training_step_runs_without_ray_or_mlflow():
