@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 def pipeline_runs(tmp_path_factory):
     """A tiny dataset, `rayseg train`, `pseudo-label` and `segment` on it (each its own pipeline)."""
     tmp = tmp_path_factory.mktemp("tracking")
-    cfg = cfgmod.replace(cfgmod.Config(), **TINY, **{
-        "data.root": str(tmp / "data"), "tracking.runs_dir": str(tmp / "runs"), "name": "tiny",
+    cfg = cfgmod.replace(cfgmod.Config(), **{
+        **TINY, "data.root": str(tmp / "data"), "tracking.runs_dir": str(tmp / "runs"), "name": "tiny",
         "tracking.system_metrics_interval": 0.5, "tracking.register_models": True,
         "data.num_views": 0})  # 3D only: the tracking is under test, not the 2D branch
     launch.init_ray(cfg)
