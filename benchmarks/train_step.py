@@ -139,7 +139,8 @@ def main() -> int:
           f"{first['views'][0]} views, {first['threads']} thread(s); medians over {args.repeats} runs x "
           f"{args.steps} steps; old = {args.old}, new = working tree")
     names = list(results)
-    header = f"{'ms per step':<40}" + "".join(f"{n + ' wall':>14}{n + ' CPU':>14}" for n in names)
+    width = {n: max(9, len(n) + 5) for n in names}
+    header = f"{'ms per step':<40}" + "".join(f"{n + ' wall':>{width[n]}}{n + ' CPU':>{width[n] + 5}}" for n in names)
     print(header + f"{'old/new CPU':>13}")
     for part in list(H.PARTS) + ["step", "whole_step"]:
         row = f"{PART_NAMES.get(part, part):<40}"
@@ -149,7 +150,7 @@ def main() -> int:
             wall = statistics.median(v[0] for v in vals) * 1e3
             cpu[n] = statistics.median(v[1] for v in vals) * 1e3
             spread = (max(v[1] for v in vals) - min(v[1] for v in vals)) * 1e3
-            row += f"{wall:>14.0f}{cpu[n]:>10.0f}±{spread / 2:<3.0f}"
+            row += f"{wall:>{width[n]}.0f}{cpu[n]:>{width[n] + 1}.0f}±{spread / 2:<3.0f}"
         ratio = cpu["old"] / cpu["new"] if cpu["new"] > 0 else float("nan")
         print(row + f"{ratio:>12.2f}x")
     for n in names:
