@@ -629,6 +629,13 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     args = build_parser().parse_args(argv)
+    if args.command != "bench-model" and "torch" not in sys.modules:
+        # Before torch loads OpenMP (Ray workers inherit it): threads that sleep at the end of a
+        # parallel region instead of spinning. With the data pipeline, MLflow or anything else on
+        # the same cores, spinning threads wait for a descheduled partner at each of the sparse
+        # backend's thousands of small ops: the demo's two-branch step at 2 threads took 67-75 s
+        # (60 s CPU) on the shared 2-core machine, 3.7-4.3 s with passive waiting (issue 16).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         return int(args.func(args) or 0)
     except cfgmod.ConfigError as exc:
