@@ -541,7 +541,8 @@ def train_func(loop_config: dict) -> None:
             scfg = stage_config(cfg, stage)
             tracker = stage_tracker(scfg, run_dir, stage, enabled=(rank == 0), tags=stage_tags,
                                     parent_run_id=loop_config.get("parent_run_id"),
-                                    step_offset=loop_config.get("step_offset", 0))
+                                    step_offset=loop_config.get("step_offset", 0),
+                                    create=progress.epoch < stage_schedule(cfg, stage)[0])
             progress.mlflow_run_id = tracker.run_id or progress.mlflow_run_id
             if state is not None:
                 tracker.skip_logged_steps()  # the steps after the checkpoint were logged before the crash

@@ -377,15 +377,19 @@ def open_pipeline(cfg: cfgmod.Config, run_dir: str | Path, kind: str, parent_run
 
 def stage_tracker(cfg: cfgmod.Config, run_dir: str | Path, stage: str, *, enabled: bool = True,
                   parent_run_id: str | None = None, step_offset: int = 0, tags: dict[str, str] | None = None,
-                  system_metrics: bool = True) -> Tracker:
+                  system_metrics: bool = True, create: bool = True) -> Tracker:
     """The run of one stage of `run_dir`: reattached if its mlflow.json names one (a resumed
-    stage), else a new child of the pipeline run (the record's, else `parent_run_id`)."""
+    stage), else a new child of the pipeline run (the record's, else `parent_run_id`). With
+    create=False (nothing left to run in this stage, e.g. a Tune trial branching from a shared
+    stage cmg) no new run is made: a disabled tracker."""
     if not enabled:
         return Tracker(cfg, stage, enabled=False)
     record = read_record(run_dir)
     existing = (record.get("stage_runs") or {}).get(stage)
     if existing:
         return Tracker(cfg, stage, run_id=existing, system_metrics=system_metrics)
+    if not create:
+        return Tracker(cfg, stage, enabled=False)
     parent = record.get("pipeline_run_id") or parent_run_id
     tracker = Tracker(cfg, stage, parent_run_id=parent, step_offset=step_offset, system_metrics=system_metrics,
                       dataset_context="infer" if stage == "pseudo_label" else "train",

@@ -72,6 +72,7 @@ TAG_GRID_KEYS = "rayseg.grid_keys"
 TAG_TRIAL = "rayseg.trial_index"
 TAG_POINT = "rayseg.grid_point"
 TAG_SUPERSEDED = "rayseg.superseded"
+TAG_STAGE1_RUN = "rayseg.stage1_run"  # a trial branched from a shared stage cmg: that stage's run
 
 
 class SweepError(ValueError):
@@ -446,7 +447,11 @@ def run_trial(config: dict, sweep: dict) -> None:
         # 1. stages cmg -> cmg_rpc (resumes from the trial's newest checkpoint after an interruption)
         stages = [s for s, n in (("cmg", cfg.optim.cmg_epochs), ("cmg_rpc", cfg.optim.cmg_rpc_epochs)) if n]
         t0 = time.time()
-        branch_from_shared_stage1(cfg, Path(sweep["sweep_dir"]), trial_dir, child_run)
+        shared = branch_from_shared_stage1(cfg, Path(sweep["sweep_dir"]), trial_dir, child_run)
+        if shared is not None:  # the trial's stage cmg is the shared run's (under the trial that trained it)
+            stage1_run = (tracking.read_record(shared).get("stage_runs") or {}).get("cmg")
+            if stage1_run:
+                tracking.client_for(cfg).set_tag(child_run, TAG_STAGE1_RUN, stage1_run)
         launch.fit(cfg, trial_dir, stages, parent_run_id=child_run, callbacks=[TuneReportCallback()])
         t_train = time.time() - t0
         progress = _load_state(latest_checkpoint(trial_dir))["progress"]
