@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # rayseg from this checkout, not installed
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the rayseg CLI: before torch loads OpenMP
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -6,7 +6,8 @@ forward, 2D forward, losses, 3D backward, 2D backward, optimizer and EMA.
 
 "old" is rayseg's source at a git commit (extracted with `git archive` into a temp folder, the
 working tree is not touched), "new" the working tree; each runs in its own subprocess with that
-source first on PYTHONPATH, alternating old/new `--repeats` times so that load from other
+source first on PYTHONPATH (the new side with OMP_WAIT_POLICY=PASSIVE, as the new CLI sets it,
+unless the variable is set already), alternating old/new `--repeats` times so that load from other
 processes on a shared machine hits both alike. Both sides read the same prepared demo scenes
 (made once by the new code, without Ray) and step on the same batches. A step is timed in
 two ways: whole (exactly rayseg.train.loop's step) and split into parts (backward run in three
@@ -80,8 +81,10 @@ def old_source(commit: str, into: Path) -> Path:
     return into
 
 
-def run_side(src: Path, args: argparse.Namespace, bf16_2d: bool = False) -> dict:
+def run_side(src: Path, args: argparse.Namespace, bf16_2d: bool = False, new: bool = True) -> dict:
     env = dict(os.environ, PYTHONPATH=str(src))
+    if new and "OMP_WAIT_POLICY" not in os.environ:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"  # what the new `rayseg` CLI sets before torch loads
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(args.threads)
     cmd = [sys.executable, __file__, "--worker", "--data", str(args.data), "--scenes", str(args.scenes),
@@ -131,7 +134,7 @@ def main() -> int:
             load = os.getloadavg()[0]
             for name in results:
                 results[name].append(run_side(sides["new" if name != "old" else "old"], args,
-                                              bf16_2d=name != "old" and name != "new"))
+                                              bf16_2d=name != "old" and name != "new", new=name != "old"))
             print(f"repeat {rep + 1}/{args.repeats} done ({time.time() - start:.0f} s; load average "
                   f"{load:.1f} on {os.cpu_count()} CPUs before it)", flush=True)
     first = results["new"][0]
