@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from rayseg import config as cfgmod
 from rayseg import metrics as M
 from rayseg.train.checkpoint import load_state
 

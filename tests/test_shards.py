@@ -3,7 +3,6 @@ Reading shards through Ray Data is tested in test_prepare.py (one local Ray for 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap

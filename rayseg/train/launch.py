@@ -13,6 +13,7 @@ as an MLflow model (rayseg.predict.PointSegmenter) output of the last stage run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -128,8 +129,6 @@ def train(cfg: cfgmod.Config, resume: str | None = None, parent_run_id: str | No
     """Stages cmg -> cmg_rpc as one experiment, then the EMA teacher as an MLflow model.
     MLflow: a 'train' pipeline run with the stages as children, or the stages directly under
     `parent_run_id`. Returns the run directory."""
-    from rayseg.train import tracking
-
     check_dataset(cfg)
     run_dir = Path(resume).resolve() if resume else new_run_dir(cfg, "train")
     if resume:
@@ -137,18 +136,28 @@ def train(cfg: cfgmod.Config, resume: str | None = None, parent_run_id: str | No
     stages = [s for s, epochs in (("cmg", cfg.optim.cmg_epochs), ("cmg_rpc", cfg.optim.cmg_rpc_epochs)) if epochs]
     if not stages:
         raise cfgmod.ConfigError("optim.cmg_epochs and optim.cmg_rpc_epochs are both 0: nothing to train")
-    own = parent_run_id is None
-    pipeline = tracking.open_pipeline(cfg, run_dir, "train", parent_run_id=parent_run_id, own_run=own)
-    try:
+    with pipeline_run(cfg, run_dir, "train", parent_run_id) as pipeline:
         fit(cfg, run_dir, stages, parent_run_id=pipeline)
         log_run_model(cfg, run_dir, "teacher")
+    return run_dir
+
+
+@contextlib.contextmanager
+def pipeline_run(cfg: cfgmod.Config, run_dir: Path, kind: str, parent_run_id: str | None):
+    """The MLflow pipeline run of `kind` for run_dir (yields its id). Without a parent (a caller
+    that owns no run), this run is ours: ended FINISHED, or FAILED when the body raises."""
+    from rayseg.train import tracking
+
+    own = parent_run_id is None
+    pipeline = tracking.open_pipeline(cfg, run_dir, kind, parent_run_id=parent_run_id, own_run=own)
+    try:
+        yield pipeline
     except BaseException:
         if own:
             tracking.end_run(cfg, pipeline, "FAILED")
         raise
     if own:
         tracking.end_run(cfg, pipeline)
-    return run_dir
 
 
 def checkpoint_step(path: str | Path) -> int:
@@ -285,16 +294,8 @@ def segment(cfg: cfgmod.Config, pseudo_labels: str, resume: str | None = None,
                                 f"(make it with `rayseg pseudo-label RUN --out DIR`)")
     run_dir = run_dir or new_run_dir(cfg, "seg")
     train_dir, offset = _teacher_of(cfg.data.pseudo_labels)
-    own = parent_run_id is None
-    pipeline = tracking.open_pipeline(cfg, run_dir, "segment", parent_run_id=parent_run_id, own_run=own)
-    try:
+    with pipeline_run(cfg, run_dir, "segment", parent_run_id) as pipeline:
         fit(cfg, run_dir, ["seg"], parent_run_id=pipeline, step_offset=offset)
         _link_teacher(cfg, (tracking.read_record(run_dir).get("stage_runs") or {}).get("seg"), train_dir)
         log_run_model(cfg, run_dir, "segmenter")
-    except BaseException:
-        if own:
-            tracking.end_run(cfg, pipeline, "FAILED")
-        raise
-    if own:
-        tracking.end_run(cfg, pipeline)
     return run_dir
