@@ -168,9 +168,9 @@ def test_ray_pass_stream_gives_each_epochs_plain_batches(dataset, ray_local, cap
     each epoch exactly the plain loop's batches of that epoch, asked for in order only; and
     Ray Data prints no per-dataset banner."""
     cfg = small_config()
-    epochs = [4, 5]
+    epochs = [4, 5, 6]
     plans = [(e, P.plan(dataset, "train", cfg, "train", e, 7)) for e in epochs]
-    stream = P.RayPassStream(plans, cfg, seed=7, batch_size=2)
+    stream = P.RayPassStream(plans, cfg, seed=7, batch_size=2, window_scenes=10)  # windows [4, 5], [6]
     with pytest.raises(P.PipelineError, match="epoch 5 requested"):
         next(stream.batches(5))
     for epoch in epochs:

@@ -607,24 +607,39 @@ def _sample_from_item(item: dict, plans: list[tuple[int, dict]], cfg: Config, se
 
 
 class RayPassStream:
-    """Batches of consecutive training passes streamed from ONE Ray Data dataset, so the data of
-    the next pass is being made while this one trains (no dataset rebuilt and no pipeline
-    restarted per epoch). `batches(epoch)` must be called for the planned epochs in order; each
-    yields exactly that pass's batches (batches never span two passes)."""
+    """Batches of consecutive training passes streamed from one Ray Data dataset per window of
+    passes, so the data of the next pass is being made while this one trains (no dataset rebuilt
+    and no pipeline restarted per epoch). A window holds whole passes, at most `window_scenes`
+    scenes (at least one pass), so a long schedule on a large dataset is not planned as one
+    dataset of millions of rows. `batches(epoch)` must be called for the planned epochs in order;
+    each yields exactly that pass's batches (batches never span two passes)."""
 
-    def __init__(self, plans: list[tuple[int, DatasetPlan]], cfg: Config, seed: int, batch_size: int):
-        self._counts = [(epoch, len(p.paths)) for epoch, p in plans]
-        self._dataset = ray_dataset_from_plans(plans, cfg, seed)
-        self._batch_size = batch_size
+    def __init__(self, plans: list[tuple[int, DatasetPlan]], cfg: Config, seed: int, batch_size: int,
+                 window_scenes: int = 4096):
+        if not plans:
+            raise PipelineError("pass stream: no passes planned")
+        self._cfg, self._seed, self._batch_size = cfg, seed, batch_size
+        self._windows: list[list[tuple[int, DatasetPlan]]] = [[]]
+        for epoch, p in plans:
+            window = self._windows[-1]
+            if window and sum(len(q.paths) for _, q in window) + len(p.paths) > window_scenes:
+                self._windows.append(window := [])
+            window.append((epoch, p))
+        self._counts = [(epoch, len(p.paths), w) for w, window in enumerate(self._windows) for epoch, p in window]
+        self._dataset = ray_dataset_from_plans(self._windows[0], cfg, seed)  # checks before any pass runs
+        self._window = 0
         self._rows: Iterator | None = None
         self._next = 0
 
     def batches(self, epoch: int) -> Iterator[dict]:
         if self._next >= len(self._counts) or self._counts[self._next][0] != epoch:
-            planned = [e for e, _ in self._counts[self._next:]]
+            planned = [e for e, _, _ in self._counts[self._next:]]
             raise PipelineError(f"pass stream: epoch {epoch} requested, the next planned passes are {planned}")
-        count = self._counts[self._next][1]
+        _, count, window = self._counts[self._next]
         self._next += 1
+        if window != self._window:
+            self._window, self._rows = window, None
+            self._dataset = ray_dataset_from_plans(self._windows[window], self._cfg, self._seed)
         if self._rows is None:
             self._rows = iter(self._dataset.iter_rows())
         yield from _batches((from_ray_row(next(self._rows)) for _ in range(count)), self._batch_size)
