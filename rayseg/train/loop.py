@@ -130,8 +130,9 @@ def train_pass_stream(cfg: cfgmod.Config, data_epochs: list[int], rank: int, wor
     if cfg.data.loader != "ray":
         return None
     plans = [(e, rank_plan(cfg, cfg.data.train_split, "train", e, rank, world)) for e in data_epochs]
-    plans = [(e, p) for e, p in plans if p.paths]
-    return pipeline.RayPassStream(plans, cfg, cfg.seed, batch_size) if plans else None
+    if not plans or not all(p.paths for _, p in plans):  # no scenes for this rank: nothing to stream
+        return None
+    return pipeline.RayPassStream(plans, cfg, cfg.seed, batch_size)
 
 
 def timed_batches(batches: Iterator[dict], wait: list[float]) -> Iterator[dict]:
