@@ -4,6 +4,7 @@ pseudo-labels, stage seg, evaluation, tracking."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -410,6 +411,7 @@ def test_reference_step_behaviours(tiny):
         assert mean[term].item() == pytest.approx(one[term].item() / 2, rel=1e-5)  # 2 scenes with pairs
         assert log[f"{term}_per_scene"] == pytest.approx(one[term].item() / 2, rel=1e-5)
         assert 4.0 < log[f"{term}_per_scene"] < 7.0  # near ln(#pairs) at random init
+        assert 0.0 < log[f"{term}_chance"] <= math.log(cfg.loss.guidance.max_pairs) + 1e-9
     # RPC on voxel rows; at step 0 Q = 0, so every row passes the >= test
     thresholds = {s: L.ThresholdState.from_config(cfg.loss.rpc, num_classes) for s in ("3d", "2d")}
     _, log, accepted = two_branch_step(model, teacher, b, cfg, "cmg_rpc", 0, thresholds,

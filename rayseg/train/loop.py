@@ -199,7 +199,7 @@ def guidance_terms(model, b: dict, out3: dict, out2: dict, cfg: cfgmod.Config, a
     losses summed over the batch (loss.guidance.scene_reduction 'sum'). Gradients are averaged
     over the Ray Train workers, so each worker's sum is scaled by the world size: the update is
     then the sum over the global batch whatever the number of workers. Returns (terms, floats to
-    log: each term's value per scene, comparable with ln(max_pairs) at chance)."""
+    log: each term's value per scene, and for InfoNCE its chance level, the scenes' mean ln(#pairs))."""
     g = cfg.loss.guidance
     num_voxels = out3["feat"].shape[0]
     is_rep = torch.zeros(b["inverse"].shape[0], dtype=torch.bool, device=b["inverse"].device)
@@ -230,8 +230,11 @@ def guidance_terms(model, b: dict, out3: dict, out2: dict, cfg: cfgmod.Config, a
             inputs = {"logits": mine_logit[rows], "target_logits": other_logit[rows], "pair_tags": pair_tags[rows]}
         value = L.guidance_loss(variant, pair_offset, temperature=g.temperature, reduction=g.scene_reduction, **inputs)
         terms[term] = value * scale
-        scenes = int((L.counts_from_offset(pair_offset) > 0).sum())
+        pairs = L.counts_from_offset(pair_offset)
+        scenes = int((pairs > 0).sum())
         log[f"{term}_per_scene"] = float(value.detach()) / max(1, scenes if g.scene_reduction == "sum" else 1)
+        if scenes and variant == "contrastive":  # InfoNCE of uniform guesses: ln(#pairs), per scene
+            log[f"{term}_chance"] = float(pairs[pairs > 0].double().log().mean())
     return terms, log
 
 
