@@ -351,7 +351,7 @@ def test_mix3d_merge_equals_voxelizing_the_overlaid_clouds():
 
 
 def test_mix3d_ors_tags_offsets_regions_and_keeps_links_in_their_scene():
-    cfg = small_config()
+    cfg = small_config(**{"augment.mix3d": True})  # off by default, as in the reference's configs
     first = room_scene("a", seed=1, table=False)
     second = room_scene("b", seed=2)
     second["tags"][CHAIR] = 0  # make the tag sets differ: a has no table, b "has no chair"
