@@ -379,3 +379,28 @@ def test_mix3d_ors_tags_offsets_regions_and_keeps_links_in_their_scene():
     shift_b = pos[na:] - (sb["coord"] + sb["mix_offset"])[sb["inverse"]]
     assert (shift_a == shift_a[0]).all() and (shift_b == shift_a[0]).all()  # one common frame
     assert np.abs(sb["mix_offset"][:2]).max() > 0
+
+
+def test_rotation_and_chromatic_probabilities():
+    """The reference's probabilities: a z-rotation with p 0.5 per side, chromatic translation
+    and jitter with p 0.95 each; 0 and 1 switch them off and on."""
+    rng = np.random.default_rng(0)
+    coord = rng.normal(size=(50, 3)).astype(np.float32)
+    normal = np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (50, 1))
+    off = small_config(**{"augment.flip_xy": False, "augment.rotate_p": 0.0}).augment
+    on = small_config(**{"augment.flip_xy": False, "augment.rotate_p": 1.0}).augment
+    same, _ = T.augment_geometry(coord, normal, np.random.default_rng(1), off, strong=False)
+    np.testing.assert_array_equal(same, coord)
+    turned, turned_normal = T.augment_geometry(coord, normal, np.random.default_rng(1), on, strong=False)
+    assert not np.allclose(turned, coord) and np.allclose(np.linalg.norm(turned - turned.mean(0), axis=1),
+                                                          np.linalg.norm(coord - coord.mean(0), axis=1), atol=1e-5)
+    rotated = sum(not np.allclose(T.augment_geometry(coord, normal, np.random.default_rng(s),
+                                                     small_config(**{"augment.flip_xy": False}).augment,
+                                                     strong=False)[0], coord) for s in range(200))
+    assert 70 < rotated < 130  # p 0.5 by default
+    color = np.full((20, 3), 120.0)
+    plain = {"augment.autocontrast_p": 0.0, "augment.hue_max": 0.0, "augment.saturation_max": 0.0}
+    kept = T.chromatic_augment(color, np.random.default_rng(2), small_config(**plain, **{"augment.chromatic_p": 0.0}).augment)
+    np.testing.assert_array_equal(kept, color)
+    moved = T.chromatic_augment(color, np.random.default_rng(2), small_config(**plain, **{"augment.chromatic_p": 1.0}).augment)
+    assert np.abs(moved - color).max() > 1.0
