@@ -137,7 +137,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, cfg: Pretrain2DConf
         correct += int((logits.argmax(1) == y[batch]).sum())
         seen += len(batch)
         if log_every and (step + 1) % log_every == 0:
-            print(f"[rayseg] pretrain-2d step {step + 1}/{cfg.steps} loss={float(loss):.3f} "
+            print(f"[rayseg] pretrain-2d step {step + 1}/{cfg.steps} loss={float(loss.detach()):.3f} "
                   f"train acc={correct / seen:.3f} {seen / (time.time() - t0):.0f} images/s", flush=True)
     net.eval()
     with torch.no_grad():
