@@ -402,10 +402,11 @@ def test_reference_step_behaviours(tiny):
     active = ("con_3d", "con_2d")
     with torch.no_grad():
         out3, out2 = model.forward_3d(b["coord"], b["feat"]), model.forward_2d(b["images"])
-        one, log = guidance_terms(model, b, out3, out2, cfg, active, torch.Generator().manual_seed(4), world=1)
-        two, _ = guidance_terms(model, b, out3, out2, cfg, active, torch.Generator().manual_seed(4), world=2)
+        first = L.voxel_representatives(b["inverse"], out3["feat"].shape[0])
+        one, log = guidance_terms(model, b, out3, out2, cfg, active, torch.Generator().manual_seed(4), 1, first)
+        two, _ = guidance_terms(model, b, out3, out2, cfg, active, torch.Generator().manual_seed(4), 2, first)
         mean_cfg = cfgmod.replace(cfg, **{"loss.guidance.scene_reduction": "mean"})
-        mean, _ = guidance_terms(model, b, out3, out2, mean_cfg, active, torch.Generator().manual_seed(4), world=2)
+        mean, _ = guidance_terms(model, b, out3, out2, mean_cfg, active, torch.Generator().manual_seed(4), 2, first)
     for term in active:
         assert two[term].item() == pytest.approx(2 * one[term].item(), rel=1e-6)
         assert mean[term].item() == pytest.approx(one[term].item() / 2, rel=1e-5)  # 2 scenes with pairs

@@ -192,18 +192,19 @@ def shift_voxels(coord: torch.Tensor, max_shift: int, generator: torch.Generator
 
 
 def guidance_terms(model, b: dict, out3: dict, out2: dict, cfg: cfgmod.Config, active: tuple[str, ...],
-                   generator: torch.Generator, world: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                   generator: torch.Generator, world: int, first: torch.Tensor,
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Lcon3D / Lcon2D as the reference computes them: a pool of links per scene (one link per
     voxel and view, at most max_links_per_view per view, views with <= min_links_per_view links
     skipped), then max_pairs pairs drawn from the pool separately for each direction; per-scene
     losses summed over the batch (loss.guidance.scene_reduction 'sum'). Gradients are averaged
     over the Ray Train workers, so each worker's sum is scaled by the world size: the update is
     then the sum over the global batch whatever the number of workers. Returns (terms, floats to
-    log: each term's value per scene, and for InfoNCE its chance level, the scenes' mean ln(#pairs))."""
+    log: each term's value per scene, and for InfoNCE its chance level, the scenes' mean ln(#pairs)).
+    first: each student voxel's first point (losses.voxel_representatives)."""
     g = cfg.loss.guidance
-    num_voxels = out3["feat"].shape[0]
     is_rep = torch.zeros(b["inverse"].shape[0], dtype=torch.bool, device=b["inverse"].device)
-    is_rep[L.voxel_representatives(b["inverse"], num_voxels)] = True
+    is_rep[first] = True
     pool, pool_offset = L.link_pool(b["link_point"], b["link_view"], b["teacher_point_offset"], g.max_links_per_view,
                                     g.min_links_per_view, generator, keep_point=is_rep)
     lp, lv, lpx = b["link_point"][pool], b["link_view"][pool], b["link_pixel"][pool]
@@ -255,6 +256,7 @@ def two_branch_step(model, teacher, b: dict, cfg: cfgmod.Config, stage: str, sta
 
     out3 = model.forward_3d(shift_voxels(b["coord"], max_shift, generator), b["feat"])
     num_voxels = out3["logits"].shape[0]
+    first = L.voxel_representatives(b["inverse"], num_voxels)  # student voxel -> its first point
     if "cls_3d" in active:
         terms["cls_3d"] = L.multilabel_cls_loss(out3["logits"], b["offset"], b["tags"])
 
@@ -266,14 +268,13 @@ def two_branch_step(model, teacher, b: dict, cfg: cfgmod.Config, stage: str, sta
             terms["cls_2d"] = L.multilabel_cls_loss_2d(out2["logits"], b["teacher_view_offset"], b["teacher_view_tags"],
                                                         b["view_valid"])
         if "con_3d" in active or "con_2d" in active:
-            con, extra_log = guidance_terms(model, b, out3, out2, cfg, active, generator, world)
+            con, extra_log = guidance_terms(model, b, out3, out2, cfg, active, generator, world, first)
             terms.update(con)
 
     if "rpc_3d" in active or "rpc_2d" in active:
         with torch.no_grad():
             t3 = teacher.forward_3d(shift_voxels(b["teacher_coord"], max_shift, generator), b["teacher_feat"])
         if "rpc_3d" in active:
-            first = L.voxel_representatives(b["inverse"], num_voxels)  # student voxel -> its first point
             row_tags = L.gather_tags(b["teacher_tags"], b["teacher_point_offset"])[first]
             label, mask = L.rpc_targets(t3["logits"][b["teacher_inverse"][first]], row_tags, b["teacher_region"][first],
                                         thresholds["3d"].thresholds(), lc.rpc.mode)
