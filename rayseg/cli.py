@@ -77,9 +77,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from rayseg.data import inspect
+    from rayseg.doctor import run_doctor
 
-    return inspect.run_doctor(args.paths)
+    return run_doctor(args.paths)
 
 
 def _wh(text: str) -> tuple[int, int]:
@@ -592,10 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _data_error_types() -> tuple[type, ...]:
     from rayseg.data.pipeline import PipelineError
+    from rayseg.data.pseudo_store import PseudoLabelError
     from rayseg.data.scene import SceneError
     from rayseg.data.shards import ShardError
     from rayseg.partition import PartitionError
-    from rayseg.pseudo import PseudoLabelError
     from rayseg.train.checkpoint import UnsafeCheckpointError
 
     return (FileNotFoundError, NotADirectoryError, ShardError, SceneError, PipelineError, PartitionError,

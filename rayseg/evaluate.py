@@ -18,7 +18,7 @@ from rayseg.train.checkpoint import load_state
 
 
 def load_checkpoint(run_dir: Path) -> dict:
-    from rayseg.train.loop import latest_checkpoint
+    from rayseg.train.checkpoint import latest_checkpoint
 
     path = latest_checkpoint(run_dir)
     if path is None:
@@ -30,7 +30,9 @@ def load_checkpoint(run_dir: Path) -> dict:
 def evaluate_run(run_dir: str | Path, split: str | None = None, log: bool = True) -> dict:
     """Returns {"3d": confusion, "2d": confusion or None, "class_names": ..., "tables": str}."""
     from rayseg.train.launch import load_run
-    from rayseg.train.loop import build_models, iter_rank_batches, pixel_rows, stage_config, to_device
+    from rayseg.train.device import to_device
+    from rayseg.train.loop import build_models, iter_rank_batches, pixel_rows
+    from rayseg.train.stages import stage_config
     from rayseg.train.tracking import Tracker
 
     run_dir = Path(run_dir).resolve()

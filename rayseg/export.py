@@ -226,7 +226,7 @@ class Predictor:
         from rayseg.evaluate import load_checkpoint
         from rayseg.models.minkunet import build_minkunet
         from rayseg.train.launch import load_run
-        from rayseg.train.loop import stage_config
+        from rayseg.train.stages import stage_config
 
         cfg = load_run(run_dir)
         state = load_checkpoint(run_dir)
@@ -252,7 +252,7 @@ class Predictor:
         import torch
 
         from rayseg.data import pipeline
-        from rayseg.train.loop import to_device
+        from rayseg.train.device import to_device
 
         p = pipeline.plan(shard.parent.parent, shard.parent.name, self.cfg, "infer")
         one = pipeline.DatasetPlan(**{**p.__dict__, "paths": [shard], "scene_ids": [shard.stem]})
@@ -267,7 +267,7 @@ def scene_label_sets(source: Source, shard: Path, what: tuple[str, ...],
                      predictor: Predictor | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """({scene_id, split, coord}, {label set: (N,) uint8 labels}) for one shard."""
     from rayseg.data import shards
-    from rayseg.pseudo import pseudo_path, read_pseudo
+    from rayseg.data.pseudo_store import META_FILE, pseudo_path, read_pseudo
 
     columns = ["coord"] + (["label"] if "gt" in what else [])
     try:
@@ -285,7 +285,7 @@ def scene_label_sets(source: Source, shard: Path, what: tuple[str, ...],
         elif w == "pseudo":
             path = pseudo_path(source.pseudo_dir, scene["split"], sid)
             if not path.is_file():
-                meta = source.pseudo_dir / "pseudo.json"
+                meta = source.pseudo_dir / META_FILE
                 covered = json.loads(meta.read_text()).get("split") if meta.is_file() else None
                 raise ExportError(f"scene {sid} (split {scene['split']}): no pseudo-labels {path}"
                                   + (f"; {source.pseudo_dir} covers split {covered!r}" if covered else ""))

@@ -133,9 +133,8 @@ def rebuild_segmenter(spec: dict, state: dict) -> PointSegmenter:
 def segmenter_from_run(run_dir: str | Path) -> PointSegmenter:
     """The network of a run directory's newest checkpoint: a seg run's segmenter, or a train
     run's EMA teacher (its 3D branch)."""
-    from rayseg.train.checkpoint import load_state
+    from rayseg.train.checkpoint import latest_checkpoint, load_state
     from rayseg.train.launch import load_run
-    from rayseg.train.loop import latest_checkpoint
 
     run_dir = Path(run_dir).resolve()
     cfg = load_run(run_dir)

@@ -6,7 +6,8 @@ scene tags -> probabilities averaged within each region -> argmax. No threshold.
 reads ground truth; `evaluate_pseudo_labels` reads the GT label column afterwards, for the
 printed / logged mIoU only.
 
-Output: ``OUT/<split>/<scene_id>.parquet`` with columns scene_id, pseudo_label (uint8 per point,
+Output (stored and read by ``rayseg/data/pseudo_store.py``, which the data pipeline uses too):
+``OUT/<split>/<scene_id>.parquet`` with columns scene_id, pseudo_label (uint8 per point,
 in the scene's point order), num_points; ``OUT/pseudo.json`` names the run, the checkpoint (path,
 step, sha256 of its bytes) and the settings that decide the labels (dataset, split, voxel size,
 region column and the parameter hash of its partition, pooling mode, model), and their short
@@ -28,77 +29,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rayseg import config as cfgmod
-from rayseg.atomic import atomic_path
-
-PSEUDO_COLUMN = "pseudo_label"
-META_FILE = "pseudo.json"
-SOURCE_KEY = b"rayseg.pseudo.source"
-
-
-class PseudoLabelError(ValueError):
-    """A pseudo-label folder is incomplete, or holds labels of another checkpoint or settings."""
-
-
-def pseudo_path(out: str | Path, split: str, scene_id: str) -> Path:
-    return Path(out) / split / f"{scene_id}.parquet"
-
-
-def write_pseudo(path: Path, scene_id: str, labels: np.ndarray, source: str = "") -> None:
-    """Atomic write of one scene's pseudo-labels; ``source`` (what made them) goes into the
-    file's Parquet metadata."""
-    table = pa.table({"scene_id": [scene_id], PSEUDO_COLUMN: [labels.astype(np.uint8)],
-                      "num_points": [int(labels.shape[0])]})
-    table = table.replace_schema_metadata({SOURCE_KEY: source.encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
-def file_source(path: str | Path) -> str | None:
-    """The source recorded in a pseudo-label file ('' for files of older rayseg versions);
-    None when the file does not exist or its footer does not read."""
-    try:
-        meta = pq.read_schema(path).metadata or {}
-    except Exception:  # noqa: BLE001 - missing / truncated / not parquet
-        return None
-    return meta.get(SOURCE_KEY, b"").decode()
-
-
-def read_pseudo(path: str | Path, scene_id: str | None = None, num_points: int | None = None,
-                source: str | None = None) -> np.ndarray:
-    """One scene's pseudo-labels; checks the scene id, point count and source when given."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pseudo-labels for scene {scene_id or path.stem} not found: {path}")
-    try:
-        table = pq.read_table(path)
-        row = table.to_pylist()[0]
-    except Exception as exc:  # noqa: BLE001 - any read failure is a corrupt file
-        raise ValueError(f"{path}: unreadable pseudo-label file ({exc})") from None
-    labels = np.asarray(row[PSEUDO_COLUMN], dtype=np.uint8)
-    if scene_id is not None and row["scene_id"] != scene_id:
-        raise ValueError(f"{path}: holds scene {row['scene_id']}, expected {scene_id}")
-    if num_points is not None and labels.shape[0] != num_points:
-        raise ValueError(f"{path}: {labels.shape[0]} pseudo-labels for scene {row['scene_id']} "
-                         f"with {num_points} points (made from a different version of the dataset?)")
-    if source is not None:
-        have = (table.schema.metadata or {}).get(SOURCE_KEY, b"").decode()
-        if have != source:
-            raise PseudoLabelError(f"{path}: made by source {have or '(unrecorded)'}, but {path.parent.parent / META_FILE} "
-                                   f"records {source}: labels of another checkpoint or settings mixed into the "
-                                   "folder (re-run `rayseg pseudo-label` with --overwrite)")
-    return labels
-
-
-def _is_done(path: Path, source: str, num_points: int | None = None) -> bool:
-    try:
-        read_pseudo(path, num_points=num_points, source=source)
-        return True
-    except (FileNotFoundError, ValueError):
-        return False
+from rayseg.data.pseudo_store import (META_FILE, PseudoLabelError, file_source, is_done, pseudo_path, read_meta,
+                                      read_pseudo, write_meta, write_pseudo)
 
 
 def _region_params_hash(cfg: cfgmod.Config) -> str | None:
@@ -131,25 +65,6 @@ def labelling_identity(run_dir: Path, ckpt: Path, cfg: cfgmod.Config, split: str
     return {"source": source, "run_dir": str(run_dir),
             "checkpoint": {"path": str(ckpt), "sha256": digest, "step": int(step) if step.isdigit() else None},
             "settings": settings}
-
-
-def read_meta(out: str | Path) -> dict | None:
-    """A pseudo-label folder's pseudo.json, or None when it has none."""
-    path = Path(out) / META_FILE
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PseudoLabelError(f"{path}: unreadable ({exc}); delete the folder or pass --overwrite") from None
-    if not isinstance(meta, dict):
-        raise PseudoLabelError(f"{path}: not a rayseg pseudo-label record")
-    return meta
-
-
-def _write_meta(out: Path, meta: dict) -> None:
-    with atomic_path(out / META_FILE) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _difference(old: dict, new: dict) -> str:
@@ -191,7 +106,7 @@ class TeacherLabeler:
 
         from rayseg import losses as L
         from rayseg.data import pipeline
-        from rayseg.train.loop import to_device
+        from rayseg.train.device import to_device
 
         sample = pipeline.from_ray_row(row)
         b = to_device(pipeline.collate([sample]), self.device)
@@ -213,7 +128,7 @@ def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None =
 
     from rayseg.data import pipeline, shards
     from rayseg.train.launch import init_ray, load_run
-    from rayseg.train.loop import latest_checkpoint
+    from rayseg.train.checkpoint import latest_checkpoint
 
     run_dir = Path(run_dir).resolve()
     cfg = load_run(run_dir)
@@ -239,7 +154,7 @@ def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None =
     todo, foreign = [], []
     for path, sid in zip(p.paths, p.scene_ids):
         target = pseudo_path(out, split, sid)
-        if _is_done(target, source, sizes.get(sid)):
+        if is_done(target, source, sizes.get(sid)):
             continue
         todo.append(path)
         if file_source(target) not in (None, source):
@@ -251,7 +166,7 @@ def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None =
                                "use another --out, or --overwrite to relabel them")
     meta = {**identity, "complete": False, "scenes": len(p.paths)}
     out.mkdir(parents=True, exist_ok=True)
-    _write_meta(out, meta)  # before the first label: the folder says what its files come from
+    write_meta(out, meta)  # before the first label: the folder says what its files come from
     print(f"[rayseg] pseudo-labels: {len(p.paths) - len(todo)} of {len(p.paths)} scenes already done, "
           f"{len(todo)} to label with {ckpt} (source {source}"
           + (f"; {len(foreign)} made by another source are relabelled" if foreign else "") + ")", flush=True)
@@ -273,11 +188,11 @@ def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None =
             if done % 10 == 0 or done == len(todo):
                 print(f"[rayseg] pseudo-labels: {done}/{len(todo)} scenes "
                       f"({done / max(time.time() - t0, 1e-9):.2f} scenes/s)", flush=True)
-    missing = [sid for sid in p.scene_ids if not _is_done(pseudo_path(out, split, sid), source, sizes.get(sid))]
+    missing = [sid for sid in p.scene_ids if not is_done(pseudo_path(out, split, sid), source, sizes.get(sid))]
     if missing:
         raise PseudoLabelError(f"{out}: {len(missing)} scene(s) were not labelled (e.g. {missing[0]}); re-run the command")
     meta["complete"] = True
-    _write_meta(out, meta)
+    write_meta(out, meta)
     return {**meta, "checkpoint": str(ckpt), "dataset": identity["settings"]["dataset"], "split": split,
             "labelled": len(todo), "seconds": time.time() - t0}
 
@@ -348,7 +263,7 @@ def verify_pseudo_labels(out: str | Path, data_root: str | Path | None = None,
             problems.append(f"checkpoint {path} has changed since it made these labels (sha256 differs)")
         run_dir = Path(meta.get("run_dir", ""))
         if run_dir.is_dir():
-            from rayseg.train.loop import latest_checkpoint
+            from rayseg.train.checkpoint import latest_checkpoint
 
             newest = latest_checkpoint(run_dir)
             if newest is not None and newest != path:

@@ -23,8 +23,8 @@ from rayseg import config as cfgmod
 from rayseg import export
 from rayseg.data import shards, synthetic
 from rayseg.data.ply import read_ply
+from rayseg.data.pseudo_store import pseudo_path, write_pseudo
 from rayseg.data.scene import IGNORE_LABEL, S3DIS13, SCANNET20
-from rayseg.pseudo import pseudo_path, write_pseudo
 
 TINY = {"synthetic.num_scenes": 3, "synthetic.val_fraction": 0.34, "synthetic.num_views": 0,
         "synthetic.min_points": 1500, "synthetic.max_points": 2500, "synthetic.points_per_m2": 30.0,

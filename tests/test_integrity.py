@@ -152,6 +152,7 @@ def test_doctor_follows_a_run_to_its_dataset_and_pseudo_labels(tmp_path, capsys)
     problem named by file (the folder below is written as `rayseg pseudo-label` leaves it)."""
     from rayseg import config as cfgmod
     from rayseg import pseudo
+    from rayseg.data import pseudo_store
 
     root = make_dataset(tmp_path / "ds", n=4)
     run_dir = tmp_path / "runs" / "r1"
@@ -164,15 +165,15 @@ def test_doctor_follows_a_run_to_its_dataset_and_pseudo_labels(tmp_path, capsys)
     identity = pseudo.labelling_identity(run_dir, ckpt, cfg, "train")
     entries = [e for e in shards.load_manifest(root)["scenes"] if e["split"] == "train"]
     for e in entries:
-        pseudo.write_pseudo(pseudo.pseudo_path(out, "train", e["scene_id"]), e["scene_id"],
-                            np.zeros(e["num_points"], np.uint8), identity["source"])
-    pseudo._write_meta(out, {**identity, "complete": True, "scenes": len(entries)})
+        pseudo_store.write_pseudo(pseudo_store.pseudo_path(out, "train", e["scene_id"]), e["scene_id"],
+                                  np.zeros(e["num_points"], np.uint8), identity["source"])
+    pseudo_store.write_meta(out, {**identity, "complete": True, "scenes": len(entries)})
     code, text, _ = run_cli(capsys, "doctor", str(run_dir))
     assert code == 0, text
     assert f"dataset {root.resolve()}: OK" in text and f"pseudo-labels {out.resolve()}: OK" in text
 
-    first, second = (pseudo.pseudo_path(out, "train", e["scene_id"]) for e in entries[:2])
-    pseudo.write_pseudo(first, entries[0]["scene_id"], np.zeros(7, np.uint8), identity["source"])  # wrong size
+    first, second = (pseudo_store.pseudo_path(out, "train", e["scene_id"]) for e in entries[:2])
+    pseudo_store.write_pseudo(first, entries[0]["scene_id"], np.zeros(7, np.uint8), identity["source"])  # wrong size
     second.unlink()  # a scene without labels
     ckpt.write_bytes(b"other bytes")  # the checkpoint changed under the labels
     code, text, _ = run_cli(capsys, "doctor", str(run_dir))
@@ -180,5 +181,5 @@ def test_doctor_follows_a_run_to_its_dataset_and_pseudo_labels(tmp_path, capsys)
     assert f"{first}: 7 pseudo-labels for scene {entries[0]['scene_id']} with 300 points" in text
     assert f"pseudo-labels for scene {entries[1]['scene_id']} not found: {second}" in text
     assert f"checkpoint {ckpt} has changed since it made these labels" in text
-    with pytest.raises(pseudo.PseudoLabelError, match=r"7 pseudo-labels for scene .* \(and 2 more"):
+    with pytest.raises(pseudo_store.PseudoLabelError, match=r"7 pseudo-labels for scene .* \(and 2 more"):
         pseudo.check_folder(out)  # what `segment` runs before training on the folder

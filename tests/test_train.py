@@ -54,7 +54,8 @@ def mlflow_run(cfg, run_dir: Path):
 
 def test_two_stages_pseudo_labels_segment_evaluate(tiny):
     from rayseg.evaluate import evaluate_run
-    from rayseg.pseudo import evaluate_pseudo_labels, make_pseudo_labels, pseudo_path, read_pseudo
+    from rayseg.data.pseudo_store import pseudo_path, read_pseudo
+    from rayseg.pseudo import evaluate_pseudo_labels, make_pseudo_labels
 
     cfg, tmp = tiny
     run_dir = launch.train(cfg)
@@ -306,6 +307,7 @@ def test_pseudo_labels_of_another_checkpoint_are_refused_or_redone(tiny, tmp_pat
     file of another source planted in a folder is named by every reader."""
     from rayseg import cli
     from rayseg import pseudo
+    from rayseg.data import pseudo_store
 
     cfg, _ = tiny
     run_a, run_b = _untrained_run(cfg, 1), _untrained_run(cfg, 2)
@@ -313,9 +315,9 @@ def test_pseudo_labels_of_another_checkpoint_are_refused_or_redone(tiny, tmp_pat
     first = pseudo.make_pseudo_labels(run_a, out)
     assert first["labelled"] == 4 and first["complete"]
     files = {p.name: p.read_bytes() for p in sorted((out / "train").glob("*.parquet"))}
-    assert len(files) == 4 and all(pseudo.file_source(out / "train" / n) == first["source"] for n in files)
+    assert len(files) == 4 and all(pseudo_store.file_source(out / "train" / n) == first["source"] for n in files)
 
-    with pytest.raises(pseudo.PseudoLabelError, match=rf"checkpoint: {run_a}.*there, {run_b}.*now"):
+    with pytest.raises(pseudo_store.PseudoLabelError, match=rf"checkpoint: {run_a}.*there, {run_b}.*now"):
         pseudo.make_pseudo_labels(run_b, out)
     assert {p.name: p.read_bytes() for p in (out / "train").glob("*.parquet")} == files  # untouched
     assert cli.main(["pseudo-label", str(run_b), "--out", str(out), "--no-eval"]) == 2
@@ -325,13 +327,13 @@ def test_pseudo_labels_of_another_checkpoint_are_refused_or_redone(tiny, tmp_pat
     # Same checkpoint, another setting that decides the labels (the pooling mode): refused too.
     cfg_b = launch.load_run(run_b)
     (run_b / "config.toml").write_text(cfgmod.dumps(cfgmod.replace(cfg_b, **{"loss.rpc.mode": "point"})))
-    with pytest.raises(pseudo.PseudoLabelError, match=r"mode: 'region' there, 'point' now"):
+    with pytest.raises(pseudo_store.PseudoLabelError, match=r"mode: 'region' there, 'point' now"):
         pseudo.make_pseudo_labels(run_b, out)
     (run_b / "config.toml").write_text(cfgmod.dumps(cfg_b))
 
     second = pseudo.make_pseudo_labels(run_b, out, overwrite=True)
     assert second["labelled"] == 4 and second["source"] != first["source"]
-    assert all(pseudo.file_source(p) == second["source"] for p in (out / "train").glob("*.parquet"))
+    assert all(pseudo_store.file_source(p) == second["source"] for p in (out / "train").glob("*.parquet"))
     assert pseudo.verify_pseudo_labels(out)[0] == []
     assert pseudo.make_pseudo_labels(run_b, out)["labelled"] == 0  # resumable as before
 
@@ -341,14 +343,14 @@ def test_pseudo_labels_of_another_checkpoint_are_refused_or_redone(tiny, tmp_pat
     problems, _ = pseudo.verify_pseudo_labels(out)
     assert len(problems) == 1 and planted in problems[0] and "another checkpoint or settings" in problems[0]
     names = shards.load_manifest(cfg.data.root)["class_names"]
-    with pytest.raises(pseudo.PseudoLabelError, match=planted):
+    with pytest.raises(pseudo_store.PseudoLabelError, match=planted):
         pseudo.evaluate_pseudo_labels(out, cfg.data.root, "train", names)
     capsys.readouterr()
     assert cli.main(["segment", str(run_b / "config.toml"), "--pseudo-labels", str(out)]) == 2
     assert planted in capsys.readouterr().err
     assert cli.main(["doctor", str(out)]) == 1
     assert planted in capsys.readouterr().out
-    with pytest.raises(pseudo.PseudoLabelError, match=planted):
+    with pytest.raises(pseudo_store.PseudoLabelError, match=planted):
         pseudo.make_pseudo_labels(run_b, out)  # refused, not silently kept
 
 

@@ -483,7 +483,7 @@ def _with_pseudo_labels(scene: dict, cfg: Config, mode: str) -> dict:
     """Stage seg: attach the scene's pseudo-labels (data.pseudo_labels) as a per-point key."""
     if mode != "train" or not cfg.data.pseudo_labels:
         return scene
-    from rayseg.pseudo import pseudo_path, read_pseudo
+    from rayseg.data.pseudo_store import pseudo_path, read_pseudo
 
     sid = str(scene["scene_id"])
     path = pseudo_path(cfg.data.pseudo_labels, str(scene["split"]), sid)

@@ -1,5 +1,5 @@
-"""Loading rayseg checkpoints (``state.pt``) without running code from them, and handing Ray
-Train's checkpoint to a restarted worker without a shared temporary copy.
+"""Finding a run's checkpoints, loading them (``state.pt``) without running code from them, and
+handing Ray Train's checkpoint to a restarted worker without a shared temporary copy.
 
 A checkpoint holds tensors and plain Python values only (model / optimizer / generator states,
 the flat config, progress, class names). ``torch.load(weights_only=True)`` unpickles exactly that
@@ -22,6 +22,18 @@ CHECKPOINT_FILE = "state.pt"
 
 class UnsafeCheckpointError(ValueError):
     """The file holds objects a rayseg checkpoint never holds (it would run code to load)."""
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoint files, oldest first. Skips ".tmp-*" directories: a
+    checkpoint being written (or killed mid-write) is not one."""
+    return sorted(p for p in (run_dir / "checkpoints").glob("*/" + CHECKPOINT_FILE)
+                  if not p.parent.name.startswith("."))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
 
 
 def load_state(path: str | Path, map_location="cpu") -> dict:

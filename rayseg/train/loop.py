@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -41,29 +41,18 @@ from rayseg.data import pipeline, shards
 from rayseg.data.scene import IGNORE_LABEL
 from rayseg.partition import is_oracle
 from rayseg.teacher import ema_update, make_teacher
-from rayseg.train.checkpoint import (CHECKPOINT_FILE, UnsafeCheckpointError, load_state, ray_checkpoint_file,
-                                     remove_partial_ray_copies)
+from rayseg.train.checkpoint import (CHECKPOINT_FILE, UnsafeCheckpointError, checkpoints, load_state,
+                                     ray_checkpoint_file, remove_partial_ray_copies)
+from rayseg.train.checkpoint import latest_checkpoint  # noqa: F401 - still importable from here
+from rayseg.train.device import to_device
+from rayseg.train.stages import stage_config
 STAGES = ("cmg", "cmg_rpc", "seg")
 PROGRESS_SECONDS = 10.0  # a progress line at most this often (rank 0)
-
-# Batch keys that stay numpy / python (never tensors).
-_NON_TENSOR = {"scene_id"}
 
 
 # --------------------------------------------------------------------------------------------
 # Small pieces
 # --------------------------------------------------------------------------------------------
-
-
-def stage_config(cfg: cfgmod.Config, stage: str) -> cfgmod.Config:
-    """The data settings a stage trains with: stage seg is 3D-only at its own voxel size, and
-    plain supervised training on pseudo-labels: no Mix3D, and no floor/wall/ceiling removal (that
-    augmentation exists to teach scene tags; here it would only throw away labelled points)."""
-    if stage != "seg":
-        return cfg
-    return cfgmod.replace(cfg, **{"data.num_views": 0, "data.voxel_size": cfg.optim.seg_voxel_size,
-                                  "augment.mix3d": False, "augment.remove_floor_p": 0.0,
-                                  "augment.remove_wall_p": 0.0, "augment.remove_ceiling_p": 0.0})
 
 
 def stage_schedule(cfg: cfgmod.Config, stage: str) -> tuple[int, float]:
@@ -75,16 +64,6 @@ def stage_schedule(cfg: cfgmod.Config, stage: str) -> tuple[int, float]:
 
 def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
     return base_lr * max(0.0, 1.0 - step / max(total_steps, 1)) ** power
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    out: dict[str, Any] = {}
-    for k, v in batch.items():
-        if k in _NON_TENSOR or not isinstance(v, np.ndarray):
-            out[k] = v
-        else:
-            out[k] = torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True)
-    return out
 
 
 def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
@@ -371,18 +350,6 @@ class Progress:
     stage_step: int = 0
     mlflow_run_id: str | None = None
     history: list[dict] = field(default_factory=list)
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The run's complete checkpoint files, oldest first. Skips ".tmp-*" directories: a
-    checkpoint being written (or killed mid-write) is not one."""
-    return sorted(p for p in (run_dir / "checkpoints").glob("*/" + CHECKPOINT_FILE)
-                  if not p.parent.name.startswith("."))
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

@@ -424,7 +424,7 @@ def run_trial(config: dict, sweep: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from rayseg.train import launch, tracking
-    from rayseg.train.loop import latest_checkpoint
+    from rayseg.train.checkpoint import latest_checkpoint
 
     trial = config["trial"]
     exp = cfgmod.Experiment(config=cfgmod.build(sweep["config"]), grid=sweep["grid"], path=sweep["file"])
@@ -510,7 +510,7 @@ def branch_from_shared_stage1(cfg: cfgmod.Config, sweep_dir: Path, trial_dir: Pa
     import fcntl
 
     from rayseg.train import launch
-    from rayseg.train.loop import latest_checkpoint
+    from rayseg.train.checkpoint import latest_checkpoint
 
     if not cfg.tune.share_stage1 or cfg.tune.asha or not cfg.optim.cmg_epochs or latest_checkpoint(trial_dir):
         return None
@@ -575,7 +575,7 @@ def finish_trial(cfg: cfgmod.Config, trial_dir: Path, child_run: str, step: int)
         out["pseudo_final_miou_2d"] = tracker.log_confusion(conf2, names, "pseudo_final_2d", step)["pseudo_final_2d_miou"]
     if cfg.tune.with_seg:
         from rayseg.evaluate import evaluate_run
-        from rayseg.train.loop import latest_checkpoint
+        from rayseg.train.checkpoint import latest_checkpoint
 
         seg_cfg = cfgmod.replace(cfg, **{"data.pseudo_labels": str(pl_dir)})
         seg_dir = trial_dir / f"seg-{trial_dir.name}"  # the directory names the MLflow run
