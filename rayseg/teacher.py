@@ -44,6 +44,12 @@ def make_teacher(student: nn.Module) -> nn.Module:
     return teacher.eval()
 
 
+def decay_at(decay: float, step: int, ramp: bool) -> float:
+    """The EMA decay used after optimiser step `step` (0-based): `decay`, or with Mean Teacher's
+    ramp min(decay, 1 - 1/(step + 1)) (the first update copies the student)."""
+    return min(decay, 1.0 - 1.0 / (step + 1)) if ramp else decay
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     """teacher <- decay * teacher + (1 - decay) * student for float parameters and buffers;

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from rayseg.teacher import ema_update, make_teacher, unwrap
+from rayseg.teacher import decay_at, ema_update, make_teacher, unwrap
 
 
 def small_net() -> nn.Module:
@@ -81,6 +81,31 @@ def test_decay_extremes_and_errors():
         ema_update(teacher, student, 1.5)
     with pytest.raises(ValueError, match="teacher and student differ in parameters"):
         ema_update(teacher, nn.Sequential(nn.Linear(3, 4)), 0.9)
+
+
+def test_ema_ramp_makes_the_teacher_the_mean_of_the_students_so_far():
+    """With the ramp the teacher after step t is the plain mean of the t+1 students (until the
+    decay caps it), so none of its random init is left; without it, decay^t of the init stays."""
+    student = small_net()
+    init = {k: v.clone() for k, v in student.state_dict().items()}
+    ramped, fixed = make_teacher(student), make_teacher(student)
+    with torch.no_grad():
+        for p in ramped.parameters():  # a teacher unlike the student, as a random init would be
+            p.add_(10.0)
+    seen = []
+    for step in range(5):
+        train_step(student, seed=step)
+        seen.append({k: v.clone() for k, v in student.state_dict().items()})
+        ema_update(ramped, student, decay_at(0.99, step, ramp=True))
+        ema_update(fixed, student, decay_at(0.99, step, ramp=False))
+    for name, value in ramped.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, torch.stack([s[name] for s in seen]).mean(0), rtol=1e-5, atol=1e-6)
+    w = "0.weight"  # the fixed decay keeps 0.99^5 of the init
+    expected = init[w] * 0.99 ** 5 + sum(0.01 * 0.99 ** (4 - i) * s[w] for i, s in enumerate(seen))
+    torch.testing.assert_close(fixed.state_dict()[w], expected, rtol=1e-5, atol=1e-6)
+    assert decay_at(0.99, 0, True) == 0.0 and decay_at(0.99, 10_000, True) == 0.99
+    assert decay_at(0.999, 3, False) == 0.999
 
 
 def test_state_dict_round_trip():

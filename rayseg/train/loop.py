@@ -40,7 +40,7 @@ from rayseg import metrics as M
 from rayseg.data import pipeline, shards
 from rayseg.data.scene import IGNORE_LABEL
 from rayseg.partition import is_oracle
-from rayseg.teacher import ema_update, make_teacher
+from rayseg.teacher import decay_at, ema_update, make_teacher
 from rayseg.train.checkpoint import (CHECKPOINT_FILE, UnsafeCheckpointError, checkpoints, load_state,
                                      ray_checkpoint_file, remove_partial_ray_copies)
 from rayseg.train.checkpoint import latest_checkpoint  # noqa: F401 - still importable from here
@@ -566,7 +566,8 @@ def train_func(loop_config: dict) -> None:
                         average_gradients(params, world)
                         optimizer.step()
                         if teacher is not None:
-                            ema_update(teacher, student, cfg.loss.rpc.ema_decay)
+                            ema_update(teacher, student, decay_at(cfg.loss.rpc.ema_decay, progress.step,
+                                                                  cfg.loss.rpc.ema_ramp))
                         for side, counts in accepted.items():
                             thresholds[side].update(M.all_reduce_sum(counts.cpu()))
                         progress.step += 1
