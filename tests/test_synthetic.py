@@ -184,6 +184,21 @@ def test_scenes_differ_in_their_tags(tag_only_scenes):
     assert not tags[bedroom][:, bathroom_only].any()  # co-occurrence structure: no toilets by beds
 
 
+def test_room_types_restrict_the_rooms_and_their_classes(tag_only_scenes):
+    """`room_types` cycles through the named types only: fewer classes, none of the others' (no
+    toilet without a bathroom), and scene i of the full cycle is unchanged where the types agree."""
+    cfg = SyntheticConfig(num_scenes=6, num_views=0, seed=5, room_types=("bedroom", "office"))
+    assert [synthetic.room_type(cfg, i) for i in range(4)] == ["bedroom", "office", "bedroom", "office"]
+    tags = np.stack([synthetic.generate_scene(cfg, i)["tags"] for i in range(cfg.num_scenes)])
+    for c in ("toilet", "sink", "bathtub", "refrigerator", "counter", "sofa"):
+        assert not tags[:, SCANNET20.index(c)].any(), c
+    assert tags[0::2, SCANNET20.index("bed")].all() and tags[1::2, SCANNET20.index("desk")].all()
+    # scene 0 is a bedroom either way, drawn from the same (seed, 0): the same room
+    assert np.array_equal(tags[0], tag_only_scenes[0]["tags"])
+    with pytest.raises(ValueError, match="synthetic.room_types.*garage.*known"):
+        synthetic.generate_scene(SyntheticConfig(num_scenes=2, num_views=0, room_types=("garage",)), 0)
+
+
 def test_point_count_follows_density_and_limits():
     sparse = synthetic.generate_scene(SyntheticConfig(num_scenes=2, num_views=0, points_per_m2=100,
                                                       min_points=1000, max_points=400_000), 1)

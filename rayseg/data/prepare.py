@@ -237,4 +237,8 @@ def prepare_synthetic(cfg, out_root: str | Path, num_cpus_per_task: float = 1) -
 
     metadata = {"generator": "rayseg.data.synthetic", "coordinates": "axis_aligned"}
     settings = {"generator_version": GENERATOR_VERSION, **dataclasses.asdict(cfg)}
+    if not cfg.room_types:  # absent when unused, so folders prepared before the option still match
+        del settings["room_types"]
+    else:
+        settings["room_types"] = list(cfg.room_types)
     return run_prepare(out_root, synthetic_tasks(cfg), cfg.profile, metadata, num_cpus_per_task, settings=settings)

@@ -53,7 +53,7 @@ from rayseg.data.scene import IGNORE_LABEL, PROFILES
 from rayseg.data.synthetic.appearance import _appearance, _to_u8
 from rayseg.data.synthetic.layout import class_names
 from rayseg.data.synthetic.rendering import _render_views, intrinsics
-from rayseg.data.synthetic.rooms import _ROOM_TYPES, _build_room
+from rayseg.data.synthetic.rooms import _build_room, room_entries
 from rayseg.data.synthetic.sampling import _sample_points
 
 __all__ = ["GENERATOR_VERSION", "PROFILES", "class_names", "generate_scene", "intrinsics", "room_type",
@@ -76,8 +76,10 @@ def scene_ids(cfg: SyntheticConfig) -> list[tuple[str, str]]:
 
 
 def room_type(cfg: SyntheticConfig, index: int) -> str:
-    """Room type of scene ``index`` (they cycle through the profile's types, so all occur)."""
-    return _ROOM_TYPES[cfg.profile][index % len(_ROOM_TYPES[cfg.profile])][0]
+    """Room type of scene ``index`` (they cycle through the profile's types, or through
+    ``cfg.room_types``, so all occur)."""
+    entries = room_entries(cfg.profile, tuple(cfg.room_types))
+    return entries[index % len(entries)][0]
 
 
 def generate_scene(cfg: SyntheticConfig, index: int) -> dict:
@@ -86,7 +88,7 @@ def generate_scene(cfg: SyntheticConfig, index: int) -> dict:
         raise ValueError(f"synthetic scene index {index} out of range [0, {cfg.num_scenes})")
     names = class_names(cfg.profile)
     rng = np.random.default_rng([cfg.seed, index])
-    room = _build_room(cfg.profile, index, rng, cfg.door_p)
+    room = _build_room(cfg.profile, index, rng, cfg.door_p, tuple(cfg.room_types))
     geo = room.finish()
 
     coord, normal, surface = _sample_points(geo, cfg, rng)

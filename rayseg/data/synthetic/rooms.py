@@ -425,8 +425,23 @@ _ROOM_TYPES = {
 _ROOM_HEIGHT = {"scannet20": (2.4, 3.0), "s3dis13": (2.8, 3.6)}
 
 
-def _build_room(profile: str, index: int, rng: np.random.Generator, door_p: float = 1.0) -> _Room:
-    _, xr, yr, build = _ROOM_TYPES[profile][index % len(_ROOM_TYPES[profile])]
+def room_entries(profile: str, room_types: tuple[str, ...] = ()) -> list:
+    """The (name, x range, y range, builder) entries scenes cycle through: all of the profile's, or
+    the named ones in the given order (`synthetic.room_types`)."""
+    entries = _ROOM_TYPES[profile]
+    if not room_types:
+        return entries
+    known = {e[0]: e for e in entries}
+    unknown = [t for t in room_types if t not in known]
+    if unknown:
+        raise ValueError(f"synthetic.room_types: {unknown} are not {profile} room types; known: {sorted(known)}")
+    return [known[t] for t in room_types]
+
+
+def _build_room(profile: str, index: int, rng: np.random.Generator, door_p: float = 1.0,
+                room_types: tuple[str, ...] = ()) -> _Room:
+    entries = room_entries(profile, room_types)
+    _, xr, yr, build = entries[index % len(entries)]
     size = (rng.uniform(*xr), rng.uniform(*yr), rng.uniform(*_ROOM_HEIGHT[profile]))
     if rng.random() < 0.5:  # either orientation
         size = (size[1], size[0], size[2])
