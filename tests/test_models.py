@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rayseg.config import ModelConfig
+from rayseg.config import ModelConfig, replace
 from rayseg.models.minkunet import ARCHITECTURES, build_minkunet, load_minkunet_state
 from rayseg.models.twobranch import TwoBranchModel, sample_2d
 from rayseg.sparse import SparseInputError, get_backend
@@ -204,3 +204,33 @@ def test_model_config_can_start_the_3d_branch_from_a_checkpoint(tmp_path):
     model = TwoBranchModel(cfg, num_classes=20)
     for k, v in source.state_dict().items():
         assert torch.equal(model.net3d.state_dict()[k], v), k
+
+
+def test_2d_backbone_learning_rate_scale_is_a_second_parameter_group():
+    """optim.lr_scale_2d_backbone: the 2D backbone steps at scale x the stage lr, everything else
+    (3D branch, 2D classifier, projections) at the stage lr; 1 keeps the reference's single group."""
+    from rayseg.config import Config
+    from rayseg.train.loop import make_optimizer
+
+    cfg = Config(model=ModelConfig(backbone_3d="MinkUNet14A", backbone_2d="resnet18", init_2d="none"))
+    model = TwoBranchModel(cfg.model, num_classes=20)
+    single = make_optimizer(model, cfg, "cmg")
+    assert len(single.param_groups) == 1 and single.param_groups[0]["lr_scale"] == 1.0
+    scaled_cfg = replace(cfg, **{"optim.lr_scale_2d_backbone": 0.1})
+    opt = make_optimizer(model, scaled_cfg, "cmg")
+    rest, backbone = opt.param_groups
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in model.net2d.backbone.parameters()}
+    assert len(rest["params"]) + len(backbone["params"]) == len(list(model.parameters()))
+    assert any(p is model.net2d.classifier.weight for p in rest["params"])
+    # one plain SGD step (no momentum yet, no decay): the step size follows the group's lr
+    cfg_plain = replace(scaled_cfg, **{"optim.weight_decay": 0.0})
+    opt = make_optimizer(model, cfg_plain, "cmg")
+    for group in opt.param_groups:
+        group["lr"] = 0.5 * group["lr_scale"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    torch.testing.assert_close(before["net2d.backbone.conv1.weight"] - model.net2d.backbone.conv1.weight,
+                               torch.full_like(before["net2d.backbone.conv1.weight"], 0.05))
+    torch.testing.assert_close(before["proj3d.weight"] - model.proj3d.weight, torch.full_like(model.proj3d.weight, 0.5))

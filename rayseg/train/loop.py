@@ -40,7 +40,7 @@ from rayseg import metrics as M
 from rayseg.data import pipeline, shards
 from rayseg.data.scene import IGNORE_LABEL
 from rayseg.partition import is_oracle
-from rayseg.teacher import decay_at, ema_update, make_teacher
+from rayseg.teacher import decay_at, ema_update, make_teacher, unwrap
 from rayseg.train.checkpoint import (CHECKPOINT_FILE, UnsafeCheckpointError, checkpoints, load_state,
                                      ray_checkpoint_file, remove_partial_ray_copies)
 from rayseg.train.checkpoint import latest_checkpoint  # noqa: F401 - still importable from here
@@ -424,12 +424,22 @@ def build_models(cfg: cfgmod.Config, num_classes: int, stage: str):
     return student, make_teacher(student)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: cfgmod.Config, stage: str) -> torch.optim.SGD:
+def make_optimizer(model: torch.nn.Module, cfg: cfgmod.Config, stage: str) -> torch.optim.SGD:
     """One SGD over both branches at the stage's base learning rate (the poly schedule sets it
-    every step). Each stage starts a fresh one (no momentum carried over), as the reference's
-    stage cmg_rpc is a new run started from stage cmg's weights."""
-    return torch.optim.SGD(params, lr=stage_schedule(cfg, stage)[1], momentum=cfg.optim.momentum,
-                           weight_decay=cfg.optim.weight_decay)
+    every step, times each group's "lr_scale"). Each stage starts a fresh one (no momentum carried
+    over), as the reference's stage cmg_rpc is a new run started from stage cmg's weights. With
+    optim.lr_scale_2d_backbone != 1 the 2D backbone is a second parameter group at that scale."""
+    scale = cfg.optim.lr_scale_2d_backbone
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    net2d = getattr(unwrap(model), "net2d", None)
+    if scale == 1.0 or net2d is None or stage == "seg":
+        groups = [{"params": trainable, "lr_scale": 1.0}]
+    else:
+        backbone = {id(p) for p in net2d.backbone.parameters()}
+        groups = [{"params": [p for p in trainable if id(p) not in backbone], "lr_scale": 1.0},
+                  {"params": [p for p in trainable if id(p) in backbone], "lr_scale": scale}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=stage_schedule(cfg, stage)[1],
+                           momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
 
 
 def log_tag_prior(cfg: cfgmod.Config, tracker) -> float:
@@ -474,7 +484,7 @@ def train_func(loop_config: dict) -> None:
     if teacher is not None:
         teacher.to(device)
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg, stages[0])
+    optimizer = make_optimizer(student, cfg, stages[0])
     thresholds = {side: L.ThresholdState.from_config(cfg.loss.rpc, num_classes) for side in ("3d", "2d")}
     progress = Progress()
     best_cmg = None  # optim.cmg_rpc_init 'best_val' (an oracle): stage cmg's best weights on val
@@ -528,7 +538,7 @@ def train_func(loop_config: dict) -> None:
                     if rank == 0:
                         print(f"[rayseg] ORACLE: stage cmg_rpc starts from stage cmg's epoch {best_cmg['epoch']}, "
                               f"the best on val GT (3D mIoU {best_cmg['miou']:.4f})", flush=True)
-                optimizer = make_optimizer(params, cfg, stage)  # a fresh SGD per stage, as the reference
+                optimizer = make_optimizer(student, cfg, stage)  # a fresh SGD per stage, as the reference
             per_rank_batch = max(1, cfg.optim.batch_size // world)
             n_train = len(pipeline.plan(scfg.data.root, scfg.data.train_split, scfg, "train", 0, cfg.seed).paths)
             steps_per_loop = math.ceil((n_train // world if world > 1 else n_train) / per_rank_batch)
@@ -552,7 +562,7 @@ def train_func(loop_config: dict) -> None:
                         b = to_device(batch, device)
                         lr = poly_lr(base_lr, progress.stage_step, total_steps, cfg.optim.poly_power)
                         for group in optimizer.param_groups:
-                            group["lr"] = lr
+                            group["lr"] = lr * group["lr_scale"]
                         if stage == "seg":
                             loss, log = seg_step(student, b)
                             accepted = {}
