@@ -202,6 +202,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_oracle_labels(args: argparse.Namespace) -> int:
+    from rayseg.oracle import write_oracle_labels
+
+    cfg = _load(args).config
+    _preflight(cfg.data.root)
+    summary = write_oracle_labels(cfg.data.root, args.out, args.split or cfg.data.train_split,
+                                  overwrite=args.overwrite)
+    print(f"ORACLE label folder (ground truth of split {summary['settings']['split']!r}, NOT pseudo-labels): "
+          f"{args.out} ({summary['written']} of {summary['scenes']} scenes written now)\n"
+          f"train the fully supervised upper bound with: rayseg segment {args.config} --pseudo-labels {args.out}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from rayseg.evaluate import evaluate_run
     from rayseg.train.launch import load_run
@@ -488,6 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo-labels", metavar="DIR", help="output of `rayseg pseudo-label`")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a seg run from its newest checkpoint")
     p.set_defaults(func=cmd_segment)
+    p = sub.add_parser("oracle-labels", help="ORACLE: the train split's ground-truth labels as a pseudo-label "
+                                             "folder, for `segment` (the fully supervised upper bound)")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="output folder (resumable; then `rayseg segment CONFIG "
+                                                "--pseudo-labels OUT`)")
+    p.add_argument("--split", default=None, help="split to copy (default data.train_split)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rewrite a folder that holds labels of another source (default: refused)")
+    p.set_defaults(func=cmd_oracle_labels)
     p = sub.add_parser("evaluate", help="mIoU / per-class IoU of a run on a split")
     p.add_argument("run", help="run directory (train or seg)")
     p.add_argument("--split", default=None, help="split (default data.val_split)")

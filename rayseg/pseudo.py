@@ -71,6 +71,11 @@ def _difference(old: dict, new: dict) -> str:
     """What differs between two labelling identities, in words."""
     if "source" not in old:
         return "the folder was labelled by an older rayseg that did not record its checkpoint hash"
+    from rayseg.oracle import is_oracle_meta
+
+    if is_oracle_meta(old):
+        return (f"it holds ORACLE ground-truth labels (`rayseg oracle-labels`, source {old.get('source')}), "
+                f"not a teacher's pseudo-labels")
     parts = []
     o_ck, n_ck = old.get("checkpoint", {}), new["checkpoint"]
     if o_ck.get("sha256") != n_ck["sha256"]:
@@ -227,6 +232,12 @@ def verify_pseudo_labels(out: str | Path, data_root: str | Path | None = None,
     problems, notes = [], []
     source = meta.get("source")
     settings = meta.get("settings", {})
+    from rayseg.oracle import is_oracle_meta, oracle_identity
+
+    oracle = is_oracle_meta(meta)
+    if oracle:
+        notes.append(f"ORACLE: ground-truth labels of split {settings.get('split')!r} (`rayseg oracle-labels`), "
+                     "not pseudo-labels: a seg run on them is the fully supervised upper bound")
     if source is None:
         problems.append(f"{out / META_FILE}: no source recorded (an older rayseg): nothing proves which "
                         "checkpoint made the files; relabel with `rayseg pseudo-label RUN --out DIR --overwrite`")
@@ -246,6 +257,12 @@ def verify_pseudo_labels(out: str | Path, data_root: str | Path | None = None,
     for extra in sorted((out / split).glob("*.parquet")) if (out / split).is_dir() else []:
         if extra.stem not in listed:
             problems.append(f"{extra}: no scene {extra.stem!r} in split {split!r} of {root}")
+    if oracle and not problems:  # the dataset's GT may have changed since the labels were copied
+        now = oracle_identity(root, split)["source"]
+        if now != source:
+            problems.append(f"{out}: ORACLE labels of source {source}, the ground truth of {root} split {split!r} is "
+                            f"now {now} (the dataset changed since): rewrite them with `rayseg oracle-labels "
+                            f"CONFIG --out {out} --overwrite`")
     region_column = settings.get("region_column")
     if region_column and (root / "partitions.json").is_file():
         from rayseg.partition.job import load_sidecar

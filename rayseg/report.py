@@ -12,6 +12,11 @@ under report/: report.md, report.csv, a plot (mIoU vs the numeric grid key, one 
 combination of the others, e.g. eta per strategy for Table 8; bars otherwise) and the per-class
 IoU of the best trial. "Best" is by pseudo-label mIoU, which is measured against ground truth:
 it is for reporting only and never selects a model.
+
+ORACLE rows: every stage-seg run of the experiment tagged rayseg.oracle=true (`rayseg segment` on a
+`rayseg oracle-labels` folder: the same network and steps trained on ground-truth labels) is added
+below the trials, marked ORACLE, with its val mIoU once `rayseg evaluate` logged it: the fully
+supervised upper bound, never a weakly supervised result (and never the "best trial").
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from typing import Any
 METRICS = (("pseudo_final_3d_miou", "pseudo-label 3D mIoU"), ("pseudo_final_2d_miou", "pseudo-label 2D mIoU"),
            ("val_3d_miou", "val 3D mIoU"))
 BEST_BY = "pseudo_final_3d_miou"
+ORACLE_NOTE = ("ORACLE rows: the same segmentation network and steps trained on ground-truth labels "
+               "(`rayseg oracle-labels` + `rayseg segment`): a fully supervised upper bound, not a weakly "
+               "supervised result")
 SELECTION_NOTE = ("best trial selected by pseudo-label mIoU, a metric computed against ground truth: "
                   "for reporting only, never for model selection")
 
@@ -49,6 +57,18 @@ class Row:
 
 
 @dataclass
+class OracleRow:
+    """A stage-seg run trained on ground-truth labels (tagged rayseg.oracle=true) and its metrics."""
+
+    run_id: str
+    name: str
+    what: str
+    status: str
+    run_dir: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class SweepTable:
     experiment: str
     sweep: str
@@ -56,11 +76,12 @@ class SweepTable:
     grid_keys: list[str]
     rows: list[Row]
     other_sweeps: list[str]
+    oracle_rows: list[OracleRow] = field(default_factory=list)
 
     @property
     def metric_keys(self) -> list[str]:
-        """The metric columns some trial has (val only when the sweep ran stage seg)."""
-        return [m for m, _ in METRICS if any(m in r.metrics for r in self.rows)]
+        """The metric columns some trial (or ORACLE row) has (val only when stage seg ran)."""
+        return [m for m, _ in METRICS if any(m in r.metrics for r in [*self.rows, *self.oracle_rows])]
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,7 +139,23 @@ def load_sweep(client, experiment: str, sweep: str | None = None) -> SweepTable:
     return SweepTable(experiment=experiment, sweep=parent.data.tags.get(tune.TAG_SWEEP, parent.info.run_name),
                       parent_run_id=parent.info.run_id, grid_keys=json.loads(parent.data.tags.get(tune.TAG_GRID_KEYS, "[]")),
                       rows=list(rows.values()),
-                      other_sweeps=[p.data.tags.get(tune.TAG_SWEEP, p.info.run_name) for p in parents[1:]])
+                      other_sweeps=[p.data.tags.get(tune.TAG_SWEEP, p.info.run_name) for p in parents[1:]],
+                      oracle_rows=load_oracle_rows(client, exp.experiment_id))
+
+
+def load_oracle_rows(client, experiment_id: str) -> list[OracleRow]:
+    """The experiment's stage-seg runs tagged rayseg.oracle=true (trained on ground-truth labels),
+    oldest first."""
+    runs = client.search_runs([experiment_id], filter_string="tags.rayseg.oracle = 'true' and tags.rayseg.stage = 'seg'",
+                              order_by=["attributes.start_time ASC"])
+    out = []
+    for run in runs:
+        tags = run.data.tags
+        run_dir = tags.get("rayseg.run_dir", "")
+        out.append(OracleRow(run_id=run.info.run_id, name=Path(run_dir).name if run_dir else run.info.run_name,
+                             what=tags.get("rayseg.oracle_what", "ground truth"), status=run.info.status,
+                             run_dir=run_dir, metrics=dict(run.data.metrics)))
+    return out
 
 
 def best_row(table: SweepTable) -> Row | None:
@@ -188,6 +225,15 @@ def markdown(table: SweepTable, base: dict[str, Any]) -> str:
     for r in table.rows:
         cells = [_cell(_value(r, k, base)) for k in table.grid_keys] + [_percent(r.metrics.get(m)) for m in metric_keys]
         lines.append("| " + " | ".join(cells) + " |")
+    for o in table.oracle_rows:
+        label = [f"**ORACLE** ({o.what}, {o.name})"] + [""] * (len(table.grid_keys) - 1) if table.grid_keys else []
+        lines.append("| " + " | ".join(label + [_percent(o.metrics.get(m)) for m in metric_keys]) + " |")
+    if table.oracle_rows:
+        lines += ["", ORACLE_NOTE + "."]
+        unevaluated = [o for o in table.oracle_rows if "val_3d_miou" not in o.metrics]
+        if unevaluated:
+            lines.append("ORACLE runs without a val mIoU yet: " + ", ".join(
+                f"{o.name} ({o.status.lower()}; `rayseg evaluate {o.run_dir or o.name} --split val`)" for o in unevaluated))
     incomplete = [f"t{r.index:03d} ({r.status.lower()})" for r in table.rows if r.metrics.get(BEST_BY) is None]
     if incomplete:  # never run, still running, stopped early by ASHA, or failed
         lines += ["", "Trials without a final result: " + ", ".join(incomplete)]
@@ -215,6 +261,13 @@ def csv_rows(table: SweepTable, base: dict[str, Any]) -> list[dict[str, Any]]:
         row.update({k: _value(r, k, base) for k in table.grid_keys})
         row.update({"run_id": r.run_id or "", "status": r.status})
         row.update({m: r.metrics.get(m, "") for m, _ in METRICS})
+        out.append(row)
+    for o in table.oracle_rows:  # trained on ground truth: the upper bound, marked
+        row = {"experiment": table.experiment, "sweep": table.sweep, "trial": "ORACLE"}
+        row.update({k: "" for k in table.grid_keys})
+        row.update({"run_id": o.run_id, "status": o.status})
+        row.update({m: o.metrics.get(m, "") for m, _ in METRICS})
+        row.update({"oracle": f"ORACLE: {o.what}", "run_dir": o.run_dir})
         out.append(row)
     return out
 
@@ -267,21 +320,26 @@ def plot(table: SweepTable, base: dict[str, Any], path: Path) -> Path:
             for label, points in series.items():
                 points.sort()
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            oracles = [o for o in table.oracle_rows if metric in o.metrics]
+            for o in oracles:  # the fully supervised upper bound, as a level line
+                ax.axhline(100 * o.metrics[metric], color="k", linestyle="--", linewidth=1, label=f"ORACLE ({o.what})")
             ax.set_xlabel(_short_key(x_key))
             ax.set_ylabel(f"{titles[metric]} (%)")
             ax.grid(alpha=0.3)
-            if series:
+            if series or oracles:
                 ax.legend(fontsize=7)
         fig.suptitle(f"{table.experiment}: mIoU vs {_short_key(x_key)}")
     else:
         import numpy as np
 
         labels = [f"t{r.index:03d}\n" + "\n".join(_cell(_value(r, k, base)) for k in table.grid_keys) for r in table.rows]
-        x = np.arange(len(table.rows))
+        labels += [f"ORACLE\n{o.what}" for o in table.oracle_rows]
+        bars = [*table.rows, *table.oracle_rows]
+        x = np.arange(len(bars))
         width = 0.8 / max(1, len(metric_keys))
-        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(table.rows) + 2), 4.5))
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(bars) + 2), 4.5))
         for i, metric in enumerate(metric_keys):
-            values = [100 * r.metrics[metric] if metric in r.metrics else 0.0 for r in table.rows]
+            values = [100 * r.metrics[metric] if metric in r.metrics else 0.0 for r in bars]
             ax.bar(x + (i - (len(metric_keys) - 1) / 2) * width, values, width, label=titles[metric])
         ax.set_xticks(x)
         ax.set_xticklabels(labels, fontsize=7)

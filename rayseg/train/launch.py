@@ -143,13 +143,15 @@ def train(cfg: cfgmod.Config, resume: str | None = None, parent_run_id: str | No
 
 
 @contextlib.contextmanager
-def pipeline_run(cfg: cfgmod.Config, run_dir: Path, kind: str, parent_run_id: str | None):
+def pipeline_run(cfg: cfgmod.Config, run_dir: Path, kind: str, parent_run_id: str | None,
+                 tags: dict[str, str] | None = None):
     """The MLflow pipeline run of `kind` for run_dir (yields its id). Without a parent (a caller
-    that owns no run), this run is ours: ended FINISHED, or FAILED when the body raises."""
+    that owns no run), this run is ours: ended FINISHED, or FAILED when the body raises. `tags`
+    go onto a new pipeline run."""
     from rayseg.train import tracking
 
     own = parent_run_id is None
-    pipeline = tracking.open_pipeline(cfg, run_dir, kind, parent_run_id=parent_run_id, own_run=own)
+    pipeline = tracking.open_pipeline(cfg, run_dir, kind, parent_run_id=parent_run_id, own_run=own, tags=tags)
     try:
         yield pipeline
     except BaseException:
@@ -199,12 +201,17 @@ def log_run_model(cfg: cfgmod.Config, run_dir: Path, name: str) -> str | None:
 
 
 def _teacher_of(pseudo_labels: str | Path) -> tuple[Path | None, int]:
-    """(train run directory, teacher step) a pseudo-label folder was made from (its pseudo.json)."""
+    """(train run directory, teacher step) a pseudo-label folder was made from (its pseudo.json);
+    (None, 0) for an ORACLE folder of ground-truth labels (no teacher: stage seg starts at step 0)."""
     import json
+
+    from rayseg.oracle import is_oracle_meta
 
     try:
         meta = json.loads((Path(pseudo_labels) / "pseudo.json").read_text())
     except (OSError, ValueError):
+        return None, 0
+    if not isinstance(meta, dict) or is_oracle_meta(meta):
         return None, 0
     ckpt = meta.get("checkpoint")
     step = ckpt.get("step") if isinstance(ckpt, dict) else None
@@ -280,7 +287,10 @@ def segment(cfg: cfgmod.Config, pseudo_labels: str, resume: str | None = None,
             parent_run_id: str | None = None) -> Path:
     """Stage seg: a fresh MinkUNet trained with cross-entropy on pseudo-label shards, then logged
     as an MLflow model. MLflow: a 'segment' pipeline run (or the stage directly under
-    `parent_run_id`); its steps continue from the teacher's that made the pseudo-labels."""
+    `parent_run_id`); its steps continue from the teacher's that made the pseudo-labels. On an
+    ORACLE folder (`rayseg oracle-labels`: ground truth) there is no teacher: steps start at 0 and
+    the pipeline and stage runs are tagged rayseg.oracle=true."""
+    from rayseg.oracle import MLFLOW_WHAT, is_oracle_folder
     from rayseg.train import tracking
 
     run_dir = Path(resume).resolve() if resume else None
@@ -294,7 +304,16 @@ def segment(cfg: cfgmod.Config, pseudo_labels: str, resume: str | None = None,
                                 f"(make it with `rayseg pseudo-label RUN --out DIR`)")
     run_dir = run_dir or new_run_dir(cfg, "seg")
     train_dir, offset = _teacher_of(cfg.data.pseudo_labels)
-    with pipeline_run(cfg, run_dir, "segment", parent_run_id) as pipeline:
+    oracle = is_oracle_folder(cfg.data.pseudo_labels)
+    tags = {"rayseg.oracle": str(oracle).lower(), "rayseg.pseudo_labels": str(cfg.data.pseudo_labels)}
+    if oracle:
+        tags["rayseg.oracle_what"] = MLFLOW_WHAT
+        print(f"[rayseg] ORACLE: {cfg.data.pseudo_labels} holds GROUND-TRUTH labels (`rayseg oracle-labels`), not "
+              f"pseudo-labels: this seg run is the fully supervised upper bound, tagged rayseg.oracle=true, "
+              f"not a weakly supervised result.", flush=True)
+    with pipeline_run(cfg, run_dir, "segment", parent_run_id, tags=tags) as pipeline:
+        if oracle and parent_run_id is not None:  # stages directly under a caller's run: mark that run too
+            tracking.client_for(cfg).set_tag(parent_run_id, "rayseg.oracle", "true")
         fit(cfg, run_dir, ["seg"], parent_run_id=pipeline, step_offset=offset)
         _link_teacher(cfg, (tracking.read_record(run_dir).get("stage_runs") or {}).get("seg"), train_dir)
         log_run_model(cfg, run_dir, "segmenter")

@@ -39,6 +39,7 @@ from rayseg import losses as L
 from rayseg import metrics as M
 from rayseg.data import pipeline, shards
 from rayseg.data.scene import IGNORE_LABEL
+from rayseg.oracle import is_oracle_folder
 from rayseg.partition import is_oracle
 from rayseg.teacher import decay_at, ema_update, make_teacher, unwrap
 from rayseg.train.checkpoint import (CHECKPOINT_FILE, UnsafeCheckpointError, checkpoints, load_state,
@@ -514,8 +515,16 @@ def train_func(loop_config: dict) -> None:
 
     # MLflow (rank 0): one child run per stage under the pipeline run, reattached on resume
     # (tracking.stage_tracker); steps continue across stages (loop_config["step_offset"] first).
-    oracle = stages != ["seg"] and (is_oracle(cfg.data.region_column) or cfg.optim.cmg_rpc_init == "best_val")
+    # Oracles: the GT partition or GT-selected stage-2 init (stages cmg/cmg_rpc); stage seg trained
+    # on an ORACLE label folder (`rayseg oracle-labels`: ground truth, the fully supervised bound).
+    oracle_labels = stages == ["seg"] and is_oracle_folder(cfg.data.pseudo_labels)
+    oracle = oracle_labels or (stages != ["seg"] and (is_oracle(cfg.data.region_column)
+                                                      or cfg.optim.cmg_rpc_init == "best_val"))
     stage_tags = {"rayseg.region_column": cfg.data.region_column, "rayseg.oracle": str(oracle).lower()}
+    if oracle_labels:
+        from rayseg.oracle import MLFLOW_WHAT
+
+        stage_tags["rayseg.oracle_what"] = MLFLOW_WHAT
     tracker = None
     try:
         while progress.stage_index < len(stages):
