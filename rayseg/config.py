@@ -546,8 +546,8 @@ class Pretrain2DConfig:
     """torchvision ResNet to train (use the experiment's model.backbone_2d)."""
     seed: int = 7_000_001
     """Seed of the corpus rooms: keep it apart from every benchmark / demo `synthetic.seed`."""
-    rooms: int = 160
-    """Corpus rooms."""
+    rooms: int = 400
+    """Corpus rooms (400 give ~11.8k crops in ~90 s)."""
     views_per_room: int = 6
     """Rendered views per room."""
     image_width: int = 160
@@ -562,8 +562,9 @@ class Pretrain2DConfig:
     """Crop margin around the component's bounding box, as a fraction of its side."""
     max_crops_per_class: int = 6
     """At most this many crops of one class per room (walls and floors would swamp the corpus)."""
-    steps: int = 900
-    """SGD steps."""
+    steps: int = 2000
+    """SGD steps (ResNet-18, 400 rooms: held-out crop accuracy 55 % at 2000 steps; ResNet-34, 160
+    rooms: 39 % at 900, synthetic, measured)."""
     batch_size: int = 64
     """Crops per step."""
     lr: float = 0.05
