@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from rayseg.data import shards
-from rayseg.data.pseudo_store import (PseudoLabelError, file_source, is_done, pseudo_path, read_meta, write_meta,
-                                      write_pseudo)
+from rayseg.data.pseudo_store import (PseudoLabelError, file_source, is_done, pending_scenes, pseudo_path, read_meta,
+                                      write_meta, write_pseudo)
 from rayseg.data.scene import IGNORE_LABEL
 
 SOURCE_PREFIX = "ORACLE-gt-"
@@ -93,15 +93,8 @@ def write_oracle_labels(data_root: str | Path, out: str | Path, split: str = "tr
     sizes = identity.pop("sizes")
     source = identity["source"]
     old = read_meta(out)
-    todo, foreign = [], []
-    for path in shards.scene_paths(root, split):
-        sid = path.stem
-        target = pseudo_path(out, split, sid)
-        if is_done(target, source, sizes.get(sid)):
-            continue
-        todo.append(path)
-        if file_source(target) not in (None, source):
-            foreign.append(target)
+    todo, foreign = pending_scenes(out, split, ((path, path.stem) for path in shards.scene_paths(root, split)),
+                                   source, sizes)
     if not overwrite and ((old is not None and old.get("source") != source) or foreign):
         if old is not None and old.get("source") != source:
             why = (f"{out / 'pseudo.json'} records source {old.get('source') or '(unrecorded)'}"

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from rayseg import config as cfgmod
-from rayseg.data.pseudo_store import (META_FILE, PseudoLabelError, file_source, is_done, pseudo_path, read_meta,
-                                      read_pseudo, write_meta, write_pseudo)
+from rayseg.data.pseudo_store import (META_FILE, PseudoLabelError, file_source, is_done, pending_scenes, pseudo_path,
+                                      read_meta, read_pseudo, write_meta, write_pseudo)
 
 
 def _region_params_hash(cfg: cfgmod.Config) -> str | None:
@@ -156,14 +156,7 @@ def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None =
     sizes = {e["scene_id"]: e.get("num_points") for e in shards.load_manifest(cfg.data.root)["scenes"]
              if e["split"] == split}
     old = read_meta(out)
-    todo, foreign = [], []
-    for path, sid in zip(p.paths, p.scene_ids):
-        target = pseudo_path(out, split, sid)
-        if is_done(target, source, sizes.get(sid)):
-            continue
-        todo.append(path)
-        if file_source(target) not in (None, source):
-            foreign.append(target)
+    todo, foreign = pending_scenes(out, split, zip(p.paths, p.scene_ids), source, sizes)
     if not overwrite and ((old is not None and old.get("source") != source) or foreign):
         why = _difference(old, identity) if old is not None and old.get("source") != source else \
             f"{len(foreign)} scene file(s) such as {foreign[0]} were made by source {file_source(foreign[0]) or '(unrecorded)'}"

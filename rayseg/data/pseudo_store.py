@@ -90,6 +90,21 @@ def is_done(path: Path, source: str, num_points: int | None = None) -> bool:
         return False
 
 
+def pending_scenes(out: str | Path, split: str, scenes, source: str,
+                   sizes: dict[str, int | None]) -> tuple[list[Path], list[Path]]:
+    """Of (shard path, scene id) pairs, the shards whose label file in `out` is not yet done for
+    `source` (to write), and the label files there that another source wrote (to refuse)."""
+    todo, foreign = [], []
+    for path, sid in scenes:
+        target = pseudo_path(out, split, sid)
+        if is_done(target, source, sizes.get(sid)):
+            continue
+        todo.append(path)
+        if file_source(target) not in (None, source):
+            foreign.append(target)
+    return todo, foreign
+
+
 def read_meta(out: str | Path) -> dict | None:
     """A pseudo-label folder's pseudo.json, or None when it has none."""
     path = Path(out) / META_FILE
