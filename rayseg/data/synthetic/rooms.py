@@ -4,7 +4,8 @@ Each profile has several room types (bedroom, kitchen, bathroom, office, ...; fo
 hallway, storage, ...) with plausible co-occurrences (chairs around tables, nightstands by the
 bed, counters on cabinets, curtains beside windows, shower curtains on bathtubs), so scene tags
 vary across scenes. The builders furnish a ``_Room`` from the object catalogue of layout.py;
-scene ``i`` gets type ``i % len(types)``.
+scene ``i`` gets type ``i % len(types)``, where the types are the profile's or
+``synthetic.room_types`` (``room_entries``).
 """
 
 from __future__ import annotations
