@@ -571,7 +571,8 @@ def train_func(loop_config: dict) -> None:
                         b = to_device(batch, device)
                         lr = poly_lr(base_lr, progress.stage_step, total_steps, cfg.optim.poly_power)
                         for group in optimizer.param_groups:
-                            group["lr"] = lr * group["lr_scale"]
+                            # checkpoints from before optim.lr_scale_2d_backbone hold one group, no scale
+                            group["lr"] = lr * group.get("lr_scale", 1.0)
                         if stage == "seg":
                             loss, log = seg_step(student, b)
                             accepted = {}
