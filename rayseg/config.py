@@ -118,6 +118,11 @@ class DataConfig:
     """First N train scenes (by id) whose GT is read, for evaluation only, to monitor pseudo-label
     mIoU during training. They are trained on like every other scene: pseudo-labels are made
     for training scenes, so that is where their quality is measured."""
+    monitor_every: int = 1
+    """Monitor every k-th epoch of a stage (and always its last), k = this. The monitor runs the
+    teacher (and student) over the monitor scenes, 3D and 2D, and logs confusion images: in a
+    short run on a laptop that is a real share of the time (~2.5 of the demo's 20 min at 216
+    steps). Tune's per-epoch metrics need every epoch: sweeps with an epoch metric refuse k > 1."""
     monitor_student: bool = True
     """Also score the student's pseudo-labels on the monitor scenes (logged as student_pseudo_*),
     beside the EMA teacher's: in short runs the teacher lags the student by ~1 / (1 - ema_decay)
@@ -134,6 +139,7 @@ class DataConfig:
         _check(self.image_width >= 8 and self.image_height >= 8, "image_width/height", "must be >= 8")
         _check(self.max_points >= 0, "max_points", "must be >= 0")
         _check(self.monitor_scenes >= 0, "monitor_scenes", "must be >= 0")
+        _check(self.monitor_every >= 1, "monitor_every", "must be >= 1")
 
 
 @dataclass(kw_only=True)

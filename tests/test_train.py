@@ -430,6 +430,19 @@ def test_reference_step_behaviours(tiny):
     assert torch.equal(shift_voxels(b["coord"], 0, torch.Generator()), b["coord"])
 
 
+def test_monitor_every_k_epochs_and_always_the_last(tiny):
+    """data.monitor_every = 2 over a 3-epoch stage: the monitor scores epochs 2 and 3 (the last),
+    not epoch 1; the stage's final teacher is always measured."""
+    cfg, _ = tiny
+    cfg = cfgmod.replace(cfg, **{"data.monitor_every": 2, "optim.cmg_epochs": 3, "optim.cmg_rpc_epochs": 0,
+                                 "data.num_views": 0, "name": "tiny-monitor-every"})
+    run_dir = launch.train(cfg)
+    history = torch.load(latest_checkpoint(run_dir), weights_only=True)["progress"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert ["pseudo_miou_3d" in h for h in history] == [False, True, True]
+    assert ["student_pseudo_miou_3d" in h for h in history] == [False, True, True]
+
+
 def test_best_on_val_stage2_init_is_an_oracle_option(tiny):
     """optim.cmg_rpc_init = 'best_val' (the reference's model_best): stage cmg scores the teacher
     on val GT every epoch, stage cmg_rpc starts from the best epoch's weights, and the run is

@@ -131,6 +131,7 @@ runs_dir = "{runs}"
 'data.region_column' = ["shape_detection", "vccs", "gt"]
 'data.num_views' = [2, 6]
 'ray.num_workers' = [1]
+'data.monitor_every' = [1, 3]
 'model.init_2d' = ["none", "{tmp_path / 'dino.pth'}"]
 """)
     with pytest.raises(tune.SweepError) as info:
@@ -143,6 +144,7 @@ runs_dir = "{runs}"
     assert "data.num_views = 6" in msg and "stores only 4 views" in msg
     assert "grid key ray.num_workers" in msg and "cannot vary per trial" in msg
     assert "checkpoint file not found" in msg and "dino.pth" in msg
+    assert "data.monitor_every = 3; set it to 1" in msg  # ASHA needs the metric every epoch
     assert not runs.exists()  # no sweep directory, no MLflow store
 
     missing = write(tmp_path / "nodata.toml", f"extends = '{base}'\n[data]\nroot = '{tmp_path / 'nowhere'}'\n"

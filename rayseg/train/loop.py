@@ -613,7 +613,9 @@ def train_func(loop_config: dict) -> None:
                 summary[f"{stage}/data_wait_share"] = data_wait[0] / max(elapsed, 1e-9)
                 # Monitor: pseudo-label quality of the EMA teacher (stages cmg / cmg_rpc); GT only here.
                 report = dict(summary)
-                if stage != "seg" and cfg.data.monitor_scenes:
+                last_epoch = progress.epoch + 1 == epochs
+                if (stage != "seg" and cfg.data.monitor_scenes
+                        and (last_epoch or (progress.epoch + 1) % cfg.data.monitor_every == 0)):
                     conf = pseudo_label_confusion(teacher, scfg, num_classes, rank, world, device,
                                                   cfg.data.monitor_scenes)
                     for side, c in conf.items():

@@ -219,6 +219,9 @@ def _check_metrics(sweep: Sweep, cfgs: list[cfgmod.Config]) -> list[str]:
         if t.metric in cfgmod.TUNE_EPOCH_METRICS and cfg.data.monitor_scenes == 0:
             problems.append(f"grid point {where}: tune.metric = {t.metric!r} is reported by the monitor, "
                             f"but data.monitor_scenes = 0")
+        if t.metric in cfgmod.TUNE_EPOCH_METRICS and cfg.data.monitor_every != 1:
+            problems.append(f"grid point {where}: tune.metric = {t.metric!r} is reported by the monitor every "
+                            f"epoch for ASHA, but data.monitor_every = {cfg.data.monitor_every}; set it to 1")
         if t.metric.endswith("_2d") and cfg.data.num_views == 0:
             problems.append(f"grid point {where}: tune.metric = {t.metric!r} needs views (data.num_views = 0); "
                             f"use a 3D metric")
