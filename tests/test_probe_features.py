@@ -34,3 +34,19 @@ def test_masked_miou_never_predicts_an_untagged_class():
     assert per_class[1] == 100.0 and per_class[2] == 100.0 and miou == 100.0
     miou_unmasked, _ = probe.masked_miou(logits, np.ones((3, 3), bool), y, 3)
     assert miou_unmasked < 50.0
+
+
+_spec2 = importlib.util.spec_from_file_location(
+    "tag_statistics", Path(__file__).resolve().parents[1] / "experiments" / "tag_statistics.py")
+tagstats = importlib.util.module_from_spec(_spec2)
+_spec2.loader.exec_module(tagstats)
+
+
+def test_tag_statistics_separates_room_type_bound_from_free_classes():
+    types = ["bath", "bed"] * 8
+    bound = np.array([t == "bath" for t in types])          # tagged exactly in bathrooms
+    free = np.array([i % 4 < 2 for i in range(16)])          # half of each room type
+    rows, explained = tagstats.tag_table(np.stack([bound, free], 1), types, ["toilet", "chair"])
+    assert rows[0]["H"] == 1.0 and rows[0]["H_given_type"] < 1e-9
+    assert rows[1]["H"] == 1.0 and abs(rows[1]["H_given_type"] - 1.0) < 1e-9
+    assert rows[0]["by_type"] == {"bath": 1.0, "bed": 0.0} and abs(explained - 0.5) < 1e-9
