@@ -13,7 +13,14 @@ do). Rows for the raw input (colour + normal) and for a 2D initialisation alone 
 the `rayseg pretrain-2d` stand-in, before any training on the rooms) give the floor and the 2D
 prior. Both 3D and 2D probes are scored on the same linked points, so the columns compare.
 
-This reads GT labels to fit the probes: it measures what the features *could* tell apart, it is
+`--tag-head` adds the weakly supervised counterpart, which reads **no** GT to fit: a fresh linear
+head on the frozen 3D features trained to convergence with the method's own signal only (Lcls3D:
+scene tags against mean-pooled logits, over each train scene and its floor-removed and
+wall-removed variants, as the removal augmentation makes them), scored point-wise (tag-masked
+argmax, no regions) on all points of the train split beside the run's own head scored the same
+way. It asks: with these features, would a longer-trained classifier give better pseudo-labels?
+
+The GT probes read GT labels to fit: it measures what the features *could* tell apart, it is
 not a method result and nothing from it feeds training. Everything is on whatever data the runs
 trained on (in this repository: synthetic rooms).
 """
@@ -110,11 +117,96 @@ def probe_rows(name: str, train: dict, val: dict, num_classes: int, keys: tuple[
     return rows
 
 
+@torch.no_grad()
+def extract_scenes(model: TwoBranchModel, cfg: cfgmod.Config, split: str) -> list[dict]:
+    """Per scene: voxel features, the run's own voxel logits, voxel region / grid coordinates (of
+    each voxel's first point), point -> voxel map, GT point labels (metric only) and tags."""
+    from rayseg import losses as L
+
+    model.eval()
+    scenes = []
+    for batch in iter_rank_batches(cfg, split, "eval", 0, 0, 1, 1):
+        b = to_device(batch, torch.device("cpu"))
+        out3 = model.forward_3d(b["coord"], b["feat"])
+        first = L.voxel_representatives(b["inverse"], out3["feat"].shape[0])
+        scenes.append({"feat": out3["feat"], "logits": out3["logits"], "inverse": b["inverse"].long(),
+                       "region": b["region"][first].numpy(), "grid": b["coord"][:, 1:].float().numpy(),
+                       "label": b["label"].long().numpy(), "tags": b["tags"][0].numpy() > 0.5})
+    return scenes
+
+
+def removal_variants(scene: dict, class_names: tuple[str, ...], voxel_size: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(voxel keep mask, tags) of the scene whole and with its floor / walls / ceiling removed one
+    at a time (probability 1), the way the training augmentation removes them (region partition,
+    0.5 m bands; no GT)."""
+    from types import SimpleNamespace
+
+    from rayseg.data import transforms as T
+
+    whole = np.ones(len(scene["region"]), bool)
+    out = [(whole, scene["tags"])]
+    base = {"coord": scene["grid"] * voxel_size, "region": scene["region"], "tags": scene["tags"].astype(np.float32)}
+    for name in ("floor", "wall", "ceiling"):
+        if name not in class_names:
+            continue
+        p = {f"remove_{n}_p": float(n == name) for n in ("floor", "wall", "ceiling")}
+        keep, tags = T.structures_to_remove(base, "region", class_names, np.random.default_rng(0),
+                                            SimpleNamespace(removal_band=0.5, **p))
+        if keep is not None and keep.any():
+            out.append((keep, tags > 0.5))
+    return out
+
+
+def fit_tag_head(scenes: list[dict], class_names: tuple[str, ...], voxel_size: float, steps: int = 300,
+                 seed: int = 0) -> torch.nn.Linear:
+    """A fresh linear head on frozen voxel features, trained on scene tags only (Lcls3D)."""
+    torch.manual_seed(seed)
+    items = [(s["feat"][torch.from_numpy(keep)], torch.from_numpy(tags).float())
+             for s in scenes for keep, tags in removal_variants(s, class_names, voxel_size)]
+    head = torch.nn.Linear(scenes[0]["feat"].shape[1], len(class_names))
+    opt = torch.optim.Adam(head.parameters(), lr=0.01)
+    for _ in range(steps):
+        opt.zero_grad()
+        pooled = torch.stack([head(f).mean(0) for f, _ in items])
+        F.multilabel_soft_margin_loss(pooled, torch.stack([t for _, t in items])).backward()
+        opt.step()
+    return head
+
+
+@torch.no_grad()
+def pointwise_miou(scenes: list[dict], voxel_logits, num_classes: int) -> tuple[float, np.ndarray]:
+    """Tag-masked argmax per point (no regions) against GT, over all points of the scenes."""
+    logits, tags, labels = [], [], []
+    for s in scenes:
+        lg = voxel_logits(s)[s["inverse"]]
+        keep = s["label"] != IGNORE
+        logits.append(lg[torch.from_numpy(keep)])
+        tags.append(np.repeat(s["tags"][None], int(keep.sum()), axis=0))
+        labels.append(s["label"][keep])
+    return masked_miou(torch.cat(logits), np.concatenate(tags), np.concatenate(labels), num_classes)
+
+
+def tag_head_rows(name: str, model: TwoBranchModel, cfg: cfgmod.Config, class_names: tuple[str, ...]) -> list[dict]:
+    scenes = extract_scenes(model, cfg, cfg.data.train_split)
+    nc = len(class_names)
+    head = fit_tag_head(scenes, class_names, cfg.data.voxel_size)
+    rows = []
+    for what, fn in (("own head", lambda s: s["logits"]), ("tags-only head, converged", lambda s: head(s["feat"]))):
+        miou, per_class = pointwise_miou(scenes, fn, nc)
+        rows.append({"model": name, "features": f"3D, {what}", "train_miou_pointwise": round(miou, 1),
+                     "per_class": [None if np.isnan(v) else round(float(v), 1) for v in per_class]})
+        print(f"{name:40s} 3D {what:26s} train point-wise mIoU {miou:5.1f} (no GT fitted)", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="training run directories (their last checkpoint's teacher)")
     parser.add_argument("--init-2d", default=None, help="also probe this 2D initialisation alone (untrained on the rooms)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--tag-head", action="store_true",
+                        help="also fit a tags-only head on the frozen 3D features (no GT) and compare its pseudo-labels")
+    parser.add_argument("--no-gt-probe", action="store_true", help="skip the GT probes")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows: list[dict] = []
@@ -127,10 +219,15 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"{run}: no checkpoint")
         model = TwoBranchModel(cfg.model, nc)
         model.load_state_dict(load_state(ckpt)["teacher"])
+        name = f"{Path(run).name} ({ckpt.parent.name})"
+        if args.tag_head:
+            rows += tag_head_rows(name, model, cfg, class_names)
+        if args.no_gt_probe:
+            continue
         train = extract(model, cfg, cfg.data.train_split, nc)
         val = extract(model, cfg, cfg.data.val_split, nc)
         keys = ("inp", "f3", "f2") if i == 0 else ("f3", "f2")
-        rows += probe_rows(f"{Path(run).name} ({ckpt.parent.name})", train, val, nc, keys)
+        rows += probe_rows(name, train, val, nc, keys)
         if i == 0 and args.init_2d:
             init_cfg = cfgmod.replace(cfg, **{"model.init_2d": args.init_2d})
             init_model = TwoBranchModel(init_cfg.model, nc)

@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-log", action="store_true", help="do not log to the run's MLflow run")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("demo", help="the whole chain on synthetic data with a local Ray + sqlite MLflow")
-    p.add_argument("--config", default=None, help="demo config (default experiments/synthetic-demo.toml)")
+    p.add_argument("--config", default=None, help="demo config (default experiments/synthetic-demo-s3dis.toml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _add_tracking_uri(p)
     p.set_defaults(func=cmd_demo)

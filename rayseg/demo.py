@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rayseg import config as cfgmod
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "synthetic-demo.toml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "synthetic-demo-s3dis.toml"
 
 
 def _banner(text: str) -> None:

@@ -9,8 +9,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_demo_runs_the_whole_chain(tmp_path):
+    from rayseg.demo import DEFAULT_CONFIG  # what `rayseg demo` runs, made tiny below
+
     cfg = tmp_path / "tiny-demo.toml"
-    cfg.write_text(f"""extends = "{REPO / 'experiments' / 'synthetic-demo.toml'}"
+    cfg.write_text(f"""extends = "{DEFAULT_CONFIG}"
 [synthetic]
 num_scenes = 5
 val_fraction = 0.4
@@ -44,12 +46,12 @@ runs_dir = "{tmp_path / 'runs'}"
     assert "pseudo-labels vs GT, train split" in out.stdout and "mIoU" in out.stdout
     assert "final val mIoU (3D)" in out.stdout and "mlflow ui --backend-store-uri sqlite:///" in out.stdout
     assert (tmp_path / "runs" / "mlflow.db").is_file()
-    assert len(list((tmp_path / "runs").glob("synthetic-demo-train-*/pseudo_labels/train/*.parquet"))) == 3
+    assert len(list((tmp_path / "runs").glob("synthetic-demo-s3dis-train-*/pseudo_labels/train/*.parquet"))) == 3
     # MLflow: one demo run, its stages as children, the final numbers on it
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("synthetic-demo")
+    exp = client.get_experiment_by_name("synthetic-demo-s3dis")
     (demo,) = client.search_runs([exp.experiment_id], filter_string="tags.rayseg.pipeline = 'demo'")
     stages = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{demo.info.run_id}'")
     assert sorted(r.info.run_name for r in stages) == ["cmg", "cmg_rpc", "pseudo_label", "seg"]

@@ -50,3 +50,31 @@ def test_tag_statistics_separates_room_type_bound_from_free_classes():
     assert rows[0]["H"] == 1.0 and rows[0]["H_given_type"] < 1e-9
     assert rows[1]["H"] == 1.0 and abs(rows[1]["H_given_type"] - 1.0) < 1e-9
     assert rows[0]["by_type"] == {"bath": 1.0, "bed": 0.0} and abs(explained - 0.5) < 1e-9
+
+
+def test_tag_head_variants_clear_the_removed_structures_tag_and_the_head_learns_from_tags():
+    """removal_variants: the floor variant drops the biggest low region and clears 'floor' (as the
+    augmentation does); fit_tag_head, trained on tags only (no labels), then finds floor, wall and
+    the chair of the scenes tagged 'chair' from indicator features."""
+    names = ("wall", "floor", "chair")
+    rng = np.random.default_rng(0)
+    scenes = []
+    for i in range(8):
+        floor = np.c_[rng.integers(10, 40, (100, 2)), np.zeros(100)]             # z = 0, away from the sides
+        wall = np.c_[np.zeros(100), rng.integers(0, 50, 100), rng.integers(0, 40, 100)]  # the x = 0 side
+        chair = np.c_[rng.integers(20, 30, (50, 2)), rng.integers(1, 10, 50)]
+        has_chair = i % 2 == 0
+        parts = [floor, wall] + ([chair] if has_chair else [])
+        label = np.concatenate([np.full(len(p), c) for c, p in zip((1, 0, 2), parts)])
+        feat = torch.tensor(np.stack([label == 0, label == 1, label == 2], 1).astype(np.float32))
+        scenes.append({"feat": feat, "grid": np.concatenate(parts).astype(np.float32), "region": label.copy(),
+                       "label": label, "tags": np.array([True, True, has_chair]), "inverse": torch.arange(len(label))})
+    variants = probe.removal_variants(scenes[0], names, voxel_size=0.1)
+    assert len(variants) == 3 and variants[0][0].all()
+    (floor_keep, floor_tags), (wall_keep, wall_tags) = variants[1], variants[2]
+    assert not floor_keep[scenes[0]["label"] == 1].any() and floor_keep[scenes[0]["label"] != 1].all()
+    assert floor_tags.tolist() == [True, False, True] and wall_tags.tolist() == [False, True, True]
+    assert not wall_keep[scenes[0]["label"] == 0].any()
+    head = probe.fit_tag_head(scenes, names, voxel_size=0.1)
+    miou, per_class = probe.pointwise_miou(scenes, lambda s: head(s["feat"]), 3)
+    assert min(per_class) > 90.0, per_class
