@@ -199,6 +199,26 @@ def test_room_types_restrict_the_rooms_and_their_classes(tag_only_scenes):
         synthetic.generate_scene(SyntheticConfig(num_scenes=2, num_views=0, room_types=("garage",)), 0)
 
 
+def test_mixed_rooms_carry_another_types_signature_objects(tag_only_scenes):
+    """mix_p = 1: every room is also furnished by a second type, so objects that one type alone
+    holds (bed: bedroom, toilet: bathroom, refrigerator: kitchen) appear in rooms of other types;
+    with mix_p = 0 they never do, and each scene starts as the same room either way."""
+    signature = {"bed": "bedroom", "toilet": "bathroom", "refrigerator": "kitchen"}
+    cfg = SyntheticConfig(num_scenes=14, num_views=0, seed=5, mix_p=1.0)
+    mixed = [synthetic.generate_scene(cfg, i)["tags"] for i in range(cfg.num_scenes)]
+
+    def foreign(tags_list) -> int:
+        return sum(any(tags[SCANNET20.index(c)] and synthetic.room_type(cfg, i) != home
+                       for c, home in signature.items()) for i, tags in enumerate(tags_list))
+
+    assert foreign([s["tags"] for s in tag_only_scenes]) == 0
+    assert foreign(mixed) >= 3
+    # the second type only adds: what the first type furnished is still tagged
+    assert all((m >= s["tags"]).all() for m, s in zip(mixed, tag_only_scenes))
+    with pytest.raises(ConfigError, match="mix_p"):
+        SyntheticConfig(mix_p=1.5)
+
+
 def test_point_count_follows_density_and_limits():
     sparse = synthetic.generate_scene(SyntheticConfig(num_scenes=2, num_views=0, points_per_m2=100,
                                                       min_points=1000, max_points=400_000), 1)

@@ -241,4 +241,6 @@ def prepare_synthetic(cfg, out_root: str | Path, num_cpus_per_task: float = 1) -
         del settings["room_types"]
     else:
         settings["room_types"] = list(cfg.room_types)
+    if not cfg.mix_p:  # the same: absent when 0
+        del settings["mix_p"]
     return run_prepare(out_root, synthetic_tasks(cfg), cfg.profile, metadata, num_cpus_per_task, settings=settings)

@@ -88,7 +88,7 @@ def generate_scene(cfg: SyntheticConfig, index: int) -> dict:
         raise ValueError(f"synthetic scene index {index} out of range [0, {cfg.num_scenes})")
     names = class_names(cfg.profile)
     rng = np.random.default_rng([cfg.seed, index])
-    room = _build_room(cfg.profile, index, rng, cfg.door_p, tuple(cfg.room_types))
+    room = _build_room(cfg.profile, index, rng, cfg.door_p, tuple(cfg.room_types), cfg.mix_p)
     geo = room.finish()
 
     coord, normal, surface = _sample_points(geo, cfg, rng)

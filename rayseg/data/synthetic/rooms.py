@@ -5,7 +5,8 @@ hallway, storage, ...) with plausible co-occurrences (chairs around tables, nigh
 bed, counters on cabinets, curtains beside windows, shower curtains on bathtubs), so scene tags
 vary across scenes. The builders furnish a ``_Room`` from the object catalogue of layout.py;
 scene ``i`` gets type ``i % len(types)``, where the types are the profile's or
-``synthetic.room_types`` (``room_entries``).
+``synthetic.room_types`` (``room_entries``). With ``synthetic.mix_p`` a room is also furnished
+by a second type drawn at random from all of the profile's.
 """
 
 from __future__ import annotations
@@ -440,7 +441,7 @@ def room_entries(profile: str, room_types: tuple[str, ...] = ()) -> list:
 
 
 def _build_room(profile: str, index: int, rng: np.random.Generator, door_p: float = 1.0,
-                room_types: tuple[str, ...] = ()) -> _Room:
+                room_types: tuple[str, ...] = (), mix_p: float = 0.0) -> _Room:
     entries = room_entries(profile, room_types)
     _, xr, yr, build = entries[index % len(entries)]
     size = (rng.uniform(*xr), rng.uniform(*yr), rng.uniform(*_ROOM_HEIGHT[profile]))
@@ -449,4 +450,9 @@ def _build_room(profile: str, index: int, rng: np.random.Generator, door_p: floa
     room = _Room(rng, profile, size, ceiling=profile == "s3dis13")
     room.door_p = door_p
     build(room)
+    # A second type furnishes what still fits (its free-space checks skip the rest). Drawn only
+    # when mix_p > 0, so the random stream and the scenes of mix_p = 0 are unchanged.
+    others = [e for e in _ROOM_TYPES[profile] if e[3] is not build]
+    if mix_p > 0 and rng.random() < mix_p and others:
+        others[int(rng.integers(len(others)))][3](room)
     return room
