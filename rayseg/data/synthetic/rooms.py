@@ -425,6 +425,7 @@ _ROOM_TYPES = {
     ],
 }
 _ROOM_HEIGHT = {"scannet20": (2.4, 3.0), "s3dis13": (2.8, 3.6)}
+MIXED_ROOM_SCALE = 1.3  # per horizontal side of a room furnished by two types (synthetic.mix_p)
 
 
 def room_entries(profile: str, room_types: tuple[str, ...] = ()) -> list:
@@ -447,12 +448,18 @@ def _build_room(profile: str, index: int, rng: np.random.Generator, door_p: floa
     size = (rng.uniform(*xr), rng.uniform(*yr), rng.uniform(*_ROOM_HEIGHT[profile]))
     if rng.random() < 0.5:  # either orientation
         size = (size[1], size[0], size[2])
-    room = _Room(rng, profile, size, ceiling=profile == "s3dis13")
-    room.door_p = door_p
-    build(room)
-    # A second type furnishes what still fits (its free-space checks skip the rest). Drawn only
-    # when mix_p > 0, so the random stream and the scenes of mix_p = 0 are unchanged.
+    # A mixed room (a studio flat) is 1.3x larger each way and furnished by a second type first,
+    # so that type's big pieces (bed, fridge, bathtub) find wall space before the room's own
+    # type fills it (second builder last, only small things fitted: measured, tags barely changed).
+    # Drawn only when mix_p > 0: the random stream and the scenes of mix_p = 0 are unchanged.
+    second = None
     others = [e for e in _ROOM_TYPES[profile] if e[3] is not build]
     if mix_p > 0 and rng.random() < mix_p and others:
-        others[int(rng.integers(len(others)))][3](room)
+        second = others[int(rng.integers(len(others)))][3]
+        size = (size[0] * MIXED_ROOM_SCALE, size[1] * MIXED_ROOM_SCALE, size[2])
+    room = _Room(rng, profile, size, ceiling=profile == "s3dis13")
+    room.door_p = door_p
+    if second is not None:
+        second(room)
+    build(room)
     return room
