@@ -184,10 +184,9 @@ class _Branches:
     3D and the 2D network from the leaves' gradients (the chain rule split at the branch
     outputs: the same gradients as one backward)."""
 
-    def __init__(self, model, device, times: dict, teacher: bool = False, split: bool = True,
-                 bf16_2d: bool = False):
+    def __init__(self, model, device, times: dict, teacher: bool = False, split: bool = True):
         self._model, self._device, self._times, self._teacher = model, device, times, teacher
-        self._split, self._bf16_2d = split, bf16_2d
+        self._split = split
         self.outputs: dict[str, tuple[dict, dict]] = {}
 
     def __getattr__(self, name):
@@ -209,15 +208,7 @@ class _Branches:
         return self._run("teacher_fwd" if self._teacher else "3d_fwd", "3d", self._model.forward_3d, coord, feat)
 
     def forward_2d(self, images):
-        return self._run("teacher_fwd" if self._teacher else "2d_fwd", "2d", self._forward_2d, images)
-
-    def _forward_2d(self, images):
-        if not self._bf16_2d:
-            return self._model.forward_2d(images)
-        # what-if only (not rayseg's training): the 2D branch in bfloat16 autocast
-        with torch.autocast(self._device.type, dtype=torch.bfloat16):
-            out = self._model.forward_2d(images)
-        return {k: v.float() for k, v in out.items()}
+        return self._run("teacher_fwd" if self._teacher else "2d_fwd", "2d", self._model.forward_2d, images)
 
 
 class Trainer:
@@ -230,6 +221,8 @@ class Trainer:
         from rayseg.data import shards
         from rayseg.train import loop
 
+        if bf16_2d:  # the 2D branch under bfloat16 autocast, as model.autocast_2d runs it in training
+            cfg = cfgmod.replace(cfg, **{"model.autocast_2d": "bfloat16"})
         self.cfg, self.stage, self.device = cfg, stage, torch.device(device)
         self.num_classes = len(shards.load_manifest(cfg.data.root)["class_names"])
         self.student, self.teacher = loop.build_models(cfg, self.num_classes, stage)
@@ -241,7 +234,6 @@ class Trainer:
         self.thresholds = {side: L.ThresholdState.from_config(cfg.loss.rpc, self.num_classes) for side in ("3d", "2d")}
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000)
         self.step_index = start_step  # past the warm-ups: every loss term of the stage is on
-        self.bf16_2d = bf16_2d
 
     def step(self, batch: dict, split: bool = False) -> tuple[float, dict[str, list[float]]]:
         """One training step on a collated batch; returns (loss, {part: [wall s, CPU s]}). split=False
@@ -262,9 +254,9 @@ class Trainer:
         t_start = _now()
         b = loop.to_device(batch, dev)
         model, teacher = self.student, self.teacher
-        if split or self.bf16_2d:
-            model = _Branches(self.student, dev, times, split=split, bf16_2d=self.bf16_2d)
-            teacher = _Branches(self.teacher, dev, times, teacher=True, split=split, bf16_2d=self.bf16_2d)
+        if split:
+            model = _Branches(self.student, dev, times, split=split)
+            teacher = _Branches(self.teacher, dev, times, teacher=True, split=split)
         t = _now()
         loss, log, accepted = loop.two_branch_step(model, teacher, b, self.cfg, self.stage, self.step_index,
                                                    self.thresholds, self.generator)

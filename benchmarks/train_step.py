@@ -13,8 +13,8 @@ processes on a shared machine hits both alike. Both sides read the same prepared
 two ways: whole (exactly rayseg.train.loop's step) and split into parts (backward run in three
 calls, from the loss down to the branch outputs, then each branch: the same gradients). Wall
 and process CPU time are both shown: with --threads 1 the CPU time is the cost of the work and
-the steadier number on a loaded machine. `--bf16-2d` adds a third side: the new code with the
-2D branch under bfloat16 autocast (a what-if, not how rayseg trains).
+the steadier number on a loaded machine. `--bf16-2d` adds a third side: the new code with
+`model.autocast_2d = "bfloat16"` (the 2D branch under bfloat16 autocast; off by default).
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def main() -> int:
     parser.add_argument("--scenes", type=int, default=16, help="synthetic demo scenes to prepare (3/4 train)")
     parser.add_argument("--data", default="", help="where the demo scenes are prepared / reused "
                         "(default: a folder under the system temp dir)")
-    parser.add_argument("--bf16-2d", action="store_true", help="also run the new code with the 2D branch in "
-                        "bfloat16 autocast (what-if)")
+    parser.add_argument("--bf16-2d", action="store_true", help="also run the new code with "
+                        "model.autocast_2d = bfloat16")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.data = Path(args.data or Path(tempfile.gettempdir()) / f"rayseg-train-step-{args.scenes}").resolve()

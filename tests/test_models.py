@@ -234,3 +234,35 @@ def test_2d_backbone_learning_rate_scale_is_a_second_parameter_group():
     torch.testing.assert_close(before["net2d.backbone.conv1.weight"] - model.net2d.backbone.conv1.weight,
                                torch.full_like(before["net2d.backbone.conv1.weight"], 0.05))
     torch.testing.assert_close(before["proj3d.weight"] - model.proj3d.weight, torch.full_like(model.proj3d.weight, 0.5))
+
+
+def test_2d_branch_in_bfloat16_autocast_returns_float32_close_to_float32():
+    """model.autocast_2d = 'bfloat16': same weights, float32 outputs within bfloat16's precision of
+    the float32 branch (and not equal to it: the convolutions really ran in bfloat16); gradients
+    reach every backbone parameter in float32."""
+    torch.manual_seed(0)
+    base = ModelConfig(backbone_3d="MinkUNet14A", backbone_2d="resnet18", init_2d="none")
+    fp32 = TwoBranchModel(base, num_classes=5).eval()
+    bf16 = TwoBranchModel(replace_model(base, autocast_2d="bfloat16"), num_classes=5).eval()
+    bf16.load_state_dict(fp32.state_dict())
+    images = torch.randn(2, 3, 48, 64)
+    f32, l32 = fp32.forward_2d(images).values()
+    out = bf16.forward_2d(images)
+    fbf, lbf = out["feat"], out["logits"]
+    assert fbf.dtype == lbf.dtype == torch.float32 and lbf.shape == l32.shape == (2, 5, 48, 64)
+    for a, b in ((fbf, f32), (lbf, l32)):
+        rel = float((a - b).norm() / b.norm())
+        assert 1e-5 < rel < 5e-2, rel
+    bf16.train()
+    bf16.forward_2d(images)["logits"].square().mean().backward()
+    grads = [p.grad for p in bf16.net2d.backbone.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    with pytest.raises(ValueError, match="autocast"):
+        from rayseg.models.resnet2d import ResNet2D
+        ResNet2D("resnet18", 5, init="none", autocast="float16")
+
+
+def replace_model(cfg: ModelConfig, **changes) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)

@@ -107,7 +107,7 @@ class ResNet2D(nn.Module):
     """Dilated ResNet-18/34/50/101 (output stride 8) + bias-free 1x1 classifier."""
 
     def __init__(self, name: str = "resnet50", num_classes: int = 20, init: str = "imagenet",
-                 freeze: bool = False, signed: bool = True):
+                 freeze: bool = False, signed: bool = True, autocast: str = "none"):
         super().__init__()
         if name not in FEATURE_DIMS:
             raise ValueError(f"unknown 2D backbone {name!r}; available: {', '.join(FEATURE_DIMS)}")
@@ -118,6 +118,9 @@ class ResNet2D(nn.Module):
         else:
             net = getattr(tv.models, name)(weights=None, replace_stride_with_dilation=[False, True, True])
         self.name, self.init, self.frozen, self.signed = name, init, freeze, signed
+        if autocast not in ("none", "bfloat16"):
+            raise ValueError(f"autocast: expected 'none' or 'bfloat16', got {autocast!r}")
+        self.autocast = autocast
         self.feature_dim = FEATURE_DIMS[name]
         layers = [k for k in _BACKBONE_LAYERS if not (signed and k == "relu")]  # no parameters: same keys
         self.backbone = nn.Sequential(OrderedDict((k, getattr(net, k)) for k in layers))
@@ -161,7 +164,13 @@ class ResNet2D(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected (B, 3, H, W), got shape {tuple(images.shape)}")
-        feats = self.backbone(images)
-        logits = F.interpolate(self.classifier(feats), size=images.shape[-2:], mode="bilinear",
-                               align_corners=True)
+        if self.autocast == "bfloat16":
+            with torch.autocast(images.device.type, dtype=torch.bfloat16):
+                feats = self.backbone(images)
+                coarse = self.classifier(feats)
+            feats, coarse = feats.float(), coarse.float()  # everything after the convolutions in float32
+        else:
+            feats = self.backbone(images)
+            coarse = self.classifier(feats)
+        logits = F.interpolate(coarse, size=images.shape[-2:], mode="bilinear", align_corners=True)
         return feats, logits
