@@ -158,19 +158,24 @@ def removal_variants(scene: dict, class_names: tuple[str, ...], voxel_size: floa
 
 
 def fit_tag_head(scenes: list[dict], class_names: tuple[str, ...], voxel_size: float, steps: int = 300,
-                 seed: int = 0) -> torch.nn.Linear:
-    """A fresh linear head on frozen voxel features, trained on scene tags only (Lcls3D)."""
+                 seed: int = 0):
+    """A fresh linear head on frozen, standardised voxel features, trained on scene tags only
+    (Lcls3D, full batch, Adam). Returns (head: features -> logits, final loss)."""
     torch.manual_seed(seed)
-    items = [(s["feat"][torch.from_numpy(keep)], torch.from_numpy(tags).float())
+    every = torch.cat([s["feat"] for s in scenes])
+    mean, std = every.mean(0), every.std(0).clamp_min(1e-6)
+    items = [((s["feat"][torch.from_numpy(keep)] - mean) / std, torch.from_numpy(tags).float())
              for s in scenes for keep, tags in removal_variants(s, class_names, voxel_size)]
-    head = torch.nn.Linear(scenes[0]["feat"].shape[1], len(class_names))
-    opt = torch.optim.Adam(head.parameters(), lr=0.01)
+    lin = torch.nn.Linear(scenes[0]["feat"].shape[1], len(class_names))
+    opt = torch.optim.Adam(lin.parameters(), lr=0.01)
+    target = torch.stack([t for _, t in items])
     for _ in range(steps):
         opt.zero_grad()
-        pooled = torch.stack([head(f).mean(0) for f, _ in items])
-        F.multilabel_soft_margin_loss(pooled, torch.stack([t for _, t in items])).backward()
+        pooled = torch.stack([lin(f).mean(0) for f, _ in items])
+        loss = F.multilabel_soft_margin_loss(pooled, target)
+        loss.backward()
         opt.step()
-    return head
+    return (lambda f: lin((f - mean) / std)), float(loss.detach())
 
 
 @torch.no_grad()
@@ -186,16 +191,24 @@ def pointwise_miou(scenes: list[dict], voxel_logits, num_classes: int) -> tuple[
     return masked_miou(torch.cat(logits), np.concatenate(tags), np.concatenate(labels), num_classes)
 
 
-def tag_head_rows(name: str, model: TwoBranchModel, cfg: cfgmod.Config, class_names: tuple[str, ...]) -> list[dict]:
+def tag_head_rows(name: str, model: TwoBranchModel, cfg: cfgmod.Config, class_names: tuple[str, ...],
+                  steps: tuple[int, ...] = (300, 1500)) -> list[dict]:
+    """The run's own head and fresh tags-only heads fitted for each number of steps (the longest
+    shows whether the shorter had converged), all scored point-wise on the train rooms."""
     scenes = extract_scenes(model, cfg, cfg.data.train_split)
     nc = len(class_names)
-    head = fit_tag_head(scenes, class_names, cfg.data.voxel_size)
+    heads = [("own head", lambda s: s["logits"], None)]
+    for n in steps:
+        head, loss = fit_tag_head(scenes, class_names, cfg.data.voxel_size, steps=n)
+        heads.append((f"tags-only head, {n} steps", (lambda h: lambda s: h(s["feat"]))(head), loss))
     rows = []
-    for what, fn in (("own head", lambda s: s["logits"]), ("tags-only head, converged", lambda s: head(s["feat"]))):
+    for what, fn, loss in heads:
         miou, per_class = pointwise_miou(scenes, fn, nc)
         rows.append({"model": name, "features": f"3D, {what}", "train_miou_pointwise": round(miou, 1),
+                     "tag_loss": None if loss is None else round(loss, 4),
                      "per_class": [None if np.isnan(v) else round(float(v), 1) for v in per_class]})
-        print(f"{name:40s} 3D {what:26s} train point-wise mIoU {miou:5.1f} (no GT fitted)", flush=True)
+        print(f"{name:40s} 3D {what:26s} train point-wise mIoU {miou:5.1f} (no GT fitted)"
+              + ("" if loss is None else f", final tag loss {loss:.4f}"), flush=True)
     return rows
 
 

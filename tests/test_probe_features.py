@@ -75,6 +75,7 @@ def test_tag_head_variants_clear_the_removed_structures_tag_and_the_head_learns_
     assert not floor_keep[scenes[0]["label"] == 1].any() and floor_keep[scenes[0]["label"] != 1].all()
     assert floor_tags.tolist() == [True, False, True] and wall_tags.tolist() == [False, True, True]
     assert not wall_keep[scenes[0]["label"] == 0].any()
-    head = probe.fit_tag_head(scenes, names, voxel_size=0.1)
+    head, loss = probe.fit_tag_head(scenes, names, voxel_size=0.1)
+    assert loss < 0.3
     miou, per_class = probe.pointwise_miou(scenes, lambda s: head(s["feat"]), 3)
     assert min(per_class) > 90.0, per_class
