@@ -192,22 +192,26 @@ def pointwise_miou(scenes: list[dict], voxel_logits, num_classes: int) -> tuple[
 
 
 def tag_head_rows(name: str, model: TwoBranchModel, cfg: cfgmod.Config, class_names: tuple[str, ...],
-                  steps: tuple[int, ...] = (300, 1500)) -> list[dict]:
+                  steps: tuple[int, ...] = (300, 1500), rooms: tuple[int, ...] = (0,)) -> list[dict]:
     """The run's own head and fresh tags-only heads fitted for each number of steps (the longest
-    shows whether the shorter had converged), all scored point-wise on the train rooms."""
+    shows whether the shorter had converged) on the first N train rooms for each N in `rooms`
+    (0 = all), all scored point-wise on all the train rooms."""
     scenes = extract_scenes(model, cfg, cfg.data.train_split)
     nc = len(class_names)
     heads = [("own head", lambda s: s["logits"], None)]
-    for n in steps:
-        head, loss = fit_tag_head(scenes, class_names, cfg.data.voxel_size, steps=n)
-        heads.append((f"tags-only head, {n} steps", (lambda h: lambda s: h(s["feat"]))(head), loss))
+    for n_rooms in rooms:
+        fit_on = scenes[:n_rooms] if n_rooms else scenes
+        for n in steps:
+            head, loss = fit_tag_head(fit_on, class_names, cfg.data.voxel_size, steps=n)
+            heads.append((f"tags-only head, {len(fit_on)} rooms, {n} steps",
+                          (lambda h: lambda s: h(s["feat"]))(head), loss))
     rows = []
     for what, fn, loss in heads:
         miou, per_class = pointwise_miou(scenes, fn, nc)
         rows.append({"model": name, "features": f"3D, {what}", "train_miou_pointwise": round(miou, 1),
                      "tag_loss": None if loss is None else round(loss, 4),
                      "per_class": [None if np.isnan(v) else round(float(v), 1) for v in per_class]})
-        print(f"{name:40s} 3D {what:26s} train point-wise mIoU {miou:5.1f} (no GT fitted)"
+        print(f"{name:40s} 3D {what:38s} train point-wise mIoU ({len(scenes)} rooms) {miou:5.1f} (no GT fitted)"
               + ("" if loss is None else f", final tag loss {loss:.4f}"), flush=True)
     return rows
 
@@ -220,11 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag-head", action="store_true",
                         help="also fit a tags-only head on the frozen 3D features (no GT) and compare its pseudo-labels")
     parser.add_argument("--no-gt-probe", action="store_true", help="skip the GT probes")
+    parser.add_argument("--data-root", default=None,
+                        help="extract features on this prepared folder instead of the run's data.root "
+                             "(e.g. more rooms of another seed, to see how the tags-only head scales)")
+    parser.add_argument("--tag-head-steps", default="300,1500", help="comma-separated step counts of the tags-only heads")
+    parser.add_argument("--tag-head-rooms", default="0",
+                        help="comma-separated numbers of train rooms to fit tags-only heads on (0 = all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows: list[dict] = []
     for i, run in enumerate(args.runs):
         cfg = cfgmod.replace(load_run(run), **{"data.loader": "local"})
+        if args.data_root:
+            cfg = cfgmod.replace(cfg, **{"data.root": args.data_root})
         class_names = tuple(shards.load_manifest(cfg.data.root)["class_names"])
         nc = len(class_names)
         ckpt = latest_checkpoint(Path(run))
@@ -234,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(load_state(ckpt)["teacher"])
         name = f"{Path(run).name} ({ckpt.parent.name})"
         if args.tag_head:
-            rows += tag_head_rows(name, model, cfg, class_names)
+            rows += tag_head_rows(name, model, cfg, class_names,
+                                  tuple(int(n) for n in args.tag_head_steps.split(",")),
+                                  tuple(int(n) for n in args.tag_head_rooms.split(",")))
         if args.no_gt_probe:
             continue
         train = extract(model, cfg, cfg.data.train_split, nc)
