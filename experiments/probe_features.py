@@ -13,12 +13,15 @@ do). Rows for the raw input (colour + normal) and for a 2D initialisation alone 
 the `rayseg pretrain-2d` stand-in, before any training on the rooms) give the floor and the 2D
 prior. Both 3D and 2D probes are scored on the same linked points, so the columns compare.
 
-`--tag-head` adds the weakly supervised counterpart, which reads **no** GT to fit: a fresh linear
-head on the frozen 3D features trained to convergence with the method's own signal only (Lcls3D:
+`--tag-head` adds the weakly supervised counterpart, which reads **no** GT to fit: fresh linear
+heads on the frozen, standardised 3D features fitted with the method's own signal only (Lcls3D:
 scene tags against mean-pooled logits, over each train scene and its floor-removed and
-wall-removed variants, as the removal augmentation makes them), scored point-wise (tag-masked
-argmax, no regions) on all points of the train split beside the run's own head scored the same
-way. It asks: with these features, would a longer-trained classifier give better pseudo-labels?
+wall-removed variants, as the removal augmentation makes them) for each of `--tag-head-steps`
+(their final tag loss is printed) and on the first N train rooms for each of `--tag-head-rooms`,
+scored point-wise (tag-masked argmax, no regions) on all points of the train split beside the
+run's own head scored the same way. It asks: with these features, would a classifier fitted
+harder, or on more rooms, give better pseudo-labels? `--data-root` extracts the features on
+another prepared folder (e.g. more rooms of another generator seed).
 
 The GT probes read GT labels to fit: it measures what the features *could* tell apart, it is
 not a method result and nothing from it feeds training. Everything is on whatever data the runs
