@@ -7,6 +7,7 @@ step modules: no Ray, no MLflow (the GPU check runs where neither is installed).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -162,19 +163,59 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _now() -> tuple[float, float]:
-    """(wall, process CPU) seconds: CPU time is what the work costs, robust to other load on a
-    shared machine (with one thread); wall time is what a user waits."""
-    return time.perf_counter(), time.process_time()
+_FLOP_COUNTER = None  # set by count_flops(): each timed part then also records its FLOPs
 
 
-def _add(times: dict, part: str, t0: tuple[float, float]) -> tuple[float, float]:
-    """Add the time since t0 to times[part] = [wall, cpu]; returns now."""
+def _now() -> tuple[float, float, float]:
+    """(wall, process CPU) seconds and the FLOPs counted so far (0 unless inside count_flops):
+    CPU time is what the work costs, robust to other load on a shared machine (with one thread);
+    wall time is what a user waits."""
+    flops = float(_FLOP_COUNTER.get_total_flops()) if _FLOP_COUNTER is not None else 0.0
+    return time.perf_counter(), time.process_time(), flops
+
+
+def _add(times: dict, part: str, t0: tuple[float, ...]) -> tuple[float, float, float]:
+    """Add the time (and FLOPs) since t0 to times[part] = [wall, cpu, flops]; returns now."""
     t = _now()
-    acc = times.setdefault(part, [0.0, 0.0])
-    acc[0] += t[0] - t0[0]
-    acc[1] += t[1] - t0[1]
+    acc = times.setdefault(part, [0.0, 0.0, 0.0])
+    for i in range(3):
+        acc[i] += t[i] - t0[i]
     return t
+
+
+@contextlib.contextmanager
+def count_flops():
+    """Count matrix-product and convolution FLOPs (torch's FlopCounterMode, plus the in-place
+    addmm_ the sparse backend accumulates with) into every part timed inside. Slows the work down:
+    time a step without it."""
+    from torch.utils import flop_counter
+
+    global _FLOP_COUNTER
+    def addmm_(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]  # as torch counts addmm: the product's
+
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_})
+    with counter:
+        _FLOP_COUNTER = counter
+        try:
+            yield counter
+        finally:
+            _FLOP_COUNTER = None
+
+
+def gemm_peak_flops(size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """FLOP/s of one large square matrix product (float32 and bfloat16), CPU time on CPU: the
+    roof the step's matrix work can at best run at with this machine's BLAS and threads."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = {}
+    for name, (x, y) in {"float32": (a, b), "bfloat16": (a.bfloat16(), b.bfloat16())}.items():
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.process_time()
+            x @ y
+            best = min(best, time.process_time() - t)
+        out[name] = 2 * size**3 / best
+    return out
 
 
 class _Branches:
@@ -264,8 +305,8 @@ class Trainer:
         if split:
             t = mark("losses", t)
             for k in ("3d_fwd", "teacher_fwd", "2d_fwd"):  # timed inside; not the losses'
-                for i in (0, 1):
-                    times["losses"][i] -= times.get(k, [0.0, 0.0])[i]
+                for i in range(3):
+                    times["losses"][i] -= times.get(k, [0.0, 0.0, 0.0])[i]
             loss.backward()
             t = mark("losses", t)
             for side, part in (("3d", "3d_bwd"), ("2d", "2d_bwd")):

@@ -64,10 +64,15 @@ def worker(args: argparse.Namespace) -> dict:
         _, t = trainer.step(b, split=True)
         for k, v in t.items():
             parts.setdefault(k, []).append(v)
-    med = {k: [statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)] for k, v in parts.items()}
+    # FLOPs per part: one more split step under a FLOP counter (not timed: counting slows it)
+    with H.count_flops():
+        _, counted = trainer.step(batches[0], split=True)
+    med = {k: [statistics.median(x[0] for x in v), statistics.median(x[1] for x in v), counted.get(k, [0, 0, 0])[2]]
+           for k, v in parts.items()}
     med["data"] = [statistics.median(x[0] for x in data_times), statistics.median(x[1] for x in data_times)]
     med["whole_step"] = [statistics.median(x[0] for x in whole), statistics.median(x[1] for x in whole)]
     return {"source": str(Path(rayseg.__file__).parent.parent), "parts": med, "losses": losses,
+            "gemm_peak": H.gemm_peak_flops(),
             "threads": torch.get_num_threads(), "voxels": [int(b["coord"].shape[0]) for b in batches],
             "views": [int(b["images"].shape[0]) for b in batches]}
 
@@ -160,7 +165,38 @@ def main() -> int:
         print(f"losses {n}: {[round(x, 6) for x in results[n][0]['losses']]}")
     print("(± is half the spread of the CPU time over the runs; losses differ between old and new only "
           "where the method's code changed in between)")
+    print_roofline(results, names, args.threads)
     return 0
+
+
+def print_roofline(results: dict[str, list[dict]], names: list[str], threads: int) -> None:
+    """Where the step stands against the machine: each part's matrix/convolution FLOPs, the rate
+    the new code runs them at (FLOPs / CPU time), and the fastest the step could be if every part
+    ran at the measured peak of one large float32 GEMM. With one thread, old CPU time / that floor
+    is the largest speed-up any float32 code path can give the step on this CPU."""
+    import _harness as H
+
+    new = results["new"]
+    peak = statistics.median(r["gemm_peak"]["float32"] for r in new)
+    peak_bf16 = statistics.median(r["gemm_peak"]["bfloat16"] for r in new)
+    print(f"\nroofline, new code ({threads} thread(s)): one large GEMM runs at {peak / 1e9:.0f} GFLOP/s in "
+          f"float32, {peak_bf16 / 1e9:.0f} in bfloat16 (CPU time)")
+    print(f"{'part':<40}{'GFLOP':>8}{'GFLOP/s':>9}{'of peak':>9}{'ms at peak':>12}")
+    floor = 0.0
+    for part in [p for p in H.PARTS if p != "data"]:
+        vals = [r["parts"].get(part, [0.0, 0.0, 0.0]) for r in new]
+        flops = vals[0][2]
+        cpu = statistics.median(v[1] for v in vals)
+        at_peak = flops / peak
+        floor += at_peak
+        rate = flops / cpu if cpu > 0 else 0.0
+        print(f"{PART_NAMES.get(part, part):<40}{flops / 1e9:>8.1f}{rate / 1e9:>9.0f}{rate / peak:>8.0%}"
+              f"{at_peak * 1e3:>12.0f}")
+    old_cpu = statistics.median(r["parts"]["whole_step"][1] for r in results["old"])
+    new_cpu = statistics.median(r["parts"]["whole_step"][1] for r in new)
+    print(f"the step's FLOPs at float32 peak: {floor * 1e3:.0f} ms; the step now {new_cpu * 1e3:.0f} ms, old "
+          f"{old_cpu * 1e3:.0f} ms: at most {old_cpu / floor:.2f}x over old for any float32 code path "
+          f"(the parts' FLOPs fixed by the config), {new_cpu / floor:.2f}x over new")
 
 
 if __name__ == "__main__":

@@ -42,8 +42,46 @@ def test_split_step_is_the_training_step(tiny_demo):
     for a, b in ((whole.student, split.student), (whole.teacher, split.teacher)):
         for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
-    assert set(H.PARTS[1:]) <= set(parts) and all(wall >= 0 and cpu >= 0 for wall, cpu in parts.values())
+    assert set(H.PARTS[1:]) <= set(parts) and all(wall >= 0 and cpu >= 0 for wall, cpu, _ in parts.values())
     assert parts["3d_bwd"][1] > 0 and parts["2d_bwd"][1] > 0  # both branches got their backward
+
+
+@pytest.mark.parametrize("method", ["blocked", "per_offset"])
+def test_flop_count_of_a_sparse_convolution_is_its_products(method):
+    """The roofline of train_step.py counts the sparse backend's in-place GEMMs: a convolution
+    forward + backward costs 2 x pairs x Cin x Cout FLOPs per product (output, input grad,
+    weight grad), whichever algorithm runs it."""
+    from rayseg.sparse import torch_backend as tb
+
+    gen = torch.Generator().manual_seed(0)
+    coord = torch.unique(torch.randint(0, 12, (600, 3), generator=gen), dim=0)
+    coord = torch.cat([torch.zeros(len(coord), 1, dtype=torch.long), coord], dim=1)
+    x = tb.make_input(coord, torch.randn(len(coord), 8, generator=gen))
+    kmap = x.manager.conv_map(1, 3)
+    kernel = torch.randn(27, 8, 16, requires_grad=True)
+    feats = x.feats.clone().requires_grad_(True)
+    with H.count_flops() as counter:
+        tb.sparse_conv(feats, kernel, kmap, method=method).sum().backward()
+    assert counter.get_total_flops() == 3 * 2 * kmap.num_pairs() * 8 * 16
+
+
+def test_split_step_attributes_flops_to_its_parts(tiny_demo):
+    """Under count_flops every timed part carries the FLOPs run inside it: the student's 2D
+    forward exactly those of the 2D network alone on the same images, backward about twice the
+    forward, and no FLOPs for the optimizer or the EMA update."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = next(H.batches(tiny_demo, 0))
+    trainer = H.Trainer(tiny_demo)
+    with FlopCounterMode(display=False) as alone:
+        with torch.no_grad():
+            trainer.student.forward_2d(torch.as_tensor(batch["images"]))
+    with H.count_flops():
+        _, parts = trainer.step(batch, split=True)
+    assert parts["2d_fwd"][2] == alone.get_total_flops() > 0
+    for side in ("3d", "2d"):
+        assert 1.5 < parts[f"{side}_bwd"][2] / parts[f"{side}_fwd"][2] < 2.5
+    assert parts["teacher_fwd"][2] > 0 and parts["optimizer"][2] == parts["ema"][2] == 0
 
 
 def test_prefetcher_workers_give_the_plain_loops_batches(tiny_demo):
