@@ -79,3 +79,33 @@ def test_tag_head_variants_clear_the_removed_structures_tag_and_the_head_learns_
     assert loss < 0.3
     miou, per_class = probe.pointwise_miou(scenes, lambda s: head(s["feat"]), 3)
     assert min(per_class) > 90.0, per_class
+
+
+_spec3 = importlib.util.spec_from_file_location(
+    "rpc_targets", Path(__file__).resolve().parents[1] / "experiments" / "rpc_targets.py")
+rpctargets = importlib.util.module_from_spec(_spec3)
+_spec3.loader.exec_module(rpctargets)
+
+
+def test_rpc_targets_counts_what_region_pooled_targets_fix_and_break():
+    """Two regions: the teacher's pooled label is right on 5 of 6 points; the student is wrong on
+    3 of those and right on the one the pooling gets wrong -> 3 fixes, 1 break; a threshold above
+    every pooled probability keeps nothing; the adaptive state counts what it accepted."""
+    from rayseg import losses as L
+
+    big = 8.0
+    teacher = torch.tensor([[big, 0, 0]] * 3 + [[0, big, 0]] * 2 + [[0, 0.4 * big, 0.5 * big]], dtype=torch.float32)
+    student = torch.tensor([[big, 0, 0]] * 2 + [[0, big, 0]] + [[0, 0, big]] * 3, dtype=torch.float32)
+    row = {"teacher": teacher, "student": student, "tags": torch.ones(6, 3), "region": torch.tensor([0, 0, 0, 1, 1, 1]),
+           "label": torch.tensor([0, 0, 0, 1, 1, 2])}
+    states = {"adaptive": L.ThresholdState(3, 0.8, adaptive=True), "loose": L.ThresholdState(3, 0.5, adaptive=False),
+              "strict": L.ThresholdState(3, 1.0, adaptive=False)}
+    out = rpctargets.analyse([row], 3, states, "region")
+    loose = out["thresholds"]["loose"]
+    assert loose["kept"] == 1.0 and abs(loose["kept_accuracy"] - 5 / 6) < 1e-9
+    assert abs(loose["fixes"] - 3 / 6) < 1e-9 and abs(loose["breaks"] - 1 / 6) < 1e-9
+    assert out["thresholds"]["strict"]["kept"] == 0.0 and out["thresholds"]["strict"]["fixes"] == 0.0
+    assert out["thresholds"]["adaptive"]["kept"] == 1.0  # Q = 0 before the first room: everything passes
+    assert states["adaptive"].counts.tolist() == [3, 3, 0]
+    assert abs(out["teacher_point_miou"] - 1.0) < 1e-9  # point-wise the teacher is right everywhere...
+    assert out["teacher_region_miou"] < 0.7  # ...pooling region 1 loses class 2
