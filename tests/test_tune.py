@@ -240,6 +240,14 @@ def test_sweep_resumes_without_redoing_complete_trials(swept):
     assert all((sweep_dir / tune.TRIALS_DIR / d / tune.RESULT_FILE).is_file() for d in trial_dirs)
 
 
+def test_sweep_terminal_shows_rayseg_progress_not_ray_train_reports(swept):
+    """What `rayseg tune` printed before the kill: rayseg's own step lines from the trials' Ray
+    Train workers, and none of Ray Train's INFO echo of every report's metrics dict."""
+    printed = (swept["tmp"] / "first.log").read_text()
+    assert "[rayseg] cmg epoch" in printed
+    assert "Reporting training result" not in printed and "Reported metrics" not in printed
+
+
 def test_trials_share_stage_cmg_when_its_settings_agree(swept):
     """The 2x2 grid's eta acts only in stage cmg_rpc, its mode also in stage cmg's monitor: two
     shared stage-cmg runs, each branched into by the two trials of its mode (hard links)."""

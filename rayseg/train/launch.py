@@ -119,6 +119,9 @@ def fit(cfg: cfgmod.Config, run_dir: Path, stages: list[str], parent_run_id: str
             storage_path=str(run_dir / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.tracking.keep_checkpoints or None),
+            # rayseg prints its own progress: not Ray Train's INFO lines, which under `rayseg tune`
+            # echo every report's whole metrics dict ("Reporting training result ...")
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=list(callbacks or [])),
     )
     result = trainer.fit()

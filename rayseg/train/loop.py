@@ -456,6 +456,23 @@ def log_tag_prior(cfg: cfgmod.Config, tracker) -> float:
     return prior
 
 
+def quiet_ray_train_logs() -> None:
+    """rayseg prints its own progress and epoch lines: not Ray Train's INFO echo of every report
+    (its warnings and errors still show). Its "Reported metrics" lines log under `ray.train`, but
+    the worker's "Reporting training result N: TrainingReport(...)" lines log under a logger
+    named after the file that emits them (`logging.getLogger(__file__)` in Ray's
+    train/v2/_internal/execution/context.py), outside `ray.train`, so that one is named here."""
+    import importlib.util
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    except ImportError:  # another Ray layout: nothing to quiet
+        spec = None
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+
+
 def train_func(loop_config: dict) -> None:
     """Ray Train entry point. loop_config: {"config": flat dotted config, "run_dir": str,
     "stages": ["cmg", "cmg_rpc"] or ["seg"], "run_name": str, "parent_run_id": str | None}."""
@@ -467,9 +484,7 @@ def train_func(loop_config: dict) -> None:
     run_dir = Path(loop_config["run_dir"])
     stages: list[str] = list(loop_config["stages"])
     ctx = ray.train.get_context()
-    # rayseg prints its own progress and epoch lines: not Ray Train's "Reported metrics: {...}"
-    # dump of every report (its warnings and errors still show).
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    quiet_ray_train_logs()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = torch.device("cpu")
     if cfg.ray.use_gpu and torch.cuda.is_available():
