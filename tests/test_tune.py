@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,6 +239,43 @@ def test_sweep_resumes_without_redoing_complete_trials(swept):
         assert json.loads(result_file.read_text()) == content
         assert sorted(c.name for c in (sweep_dir / tune.TRIALS_DIR / name / "checkpoints").iterdir()) == ckpts
     assert all((sweep_dir / tune.TRIALS_DIR / d / tune.RESULT_FILE).is_file() for d in trial_dirs)
+
+
+def test_resume_finds_a_sweep_under_another_runs_dir_and_refuses_other_overrides(swept, tmp_path, monkeypatch):
+    """From another folder, a sweep started elsewhere is resumed by naming its runs_dir (what the
+    interrupted sweep's summary prints); any other --set is refused."""
+    sweep_dir = swept["sweep_dir"]
+    monkeypatch.chdir(tmp_path)
+    sweep_file = swept["tmp"] / "sweep.toml"
+    runs = f"tracking.runs_dir={sweep_dir.parent}"
+    sweep = tune.prepare_sweep(sweep_file, [runs], name=SWEEP_NAME, resume=True)
+    assert sweep.sweep_dir == sweep_dir and sweep.resume
+    with pytest.raises(tune.SweepError, match=r"drop the --set overrides \['loss.rpc.eta=0.5'\]"):
+        tune.prepare_sweep(sweep_file, [runs, "loss.rpc.eta=0.5"], name=SWEEP_NAME, resume=True)
+
+
+def test_2d_confusion_task_finishes_with_only_its_own_half_cpu(swept, tmp_path):
+    """finish_trial's 2D-confusion task, with the rest of the cluster held (as by another trial's
+    training worker and the pseudo-label actor): it reads its scenes itself, so it finishes; read
+    through Ray Data it waited forever for a whole free CPU."""
+    trial = tmp_path / "trial"  # a copy of a finished trial, its config on the Ray Data loader
+    shutil.copytree(sorted((swept["sweep_dir"] / tune.TRIALS_DIR).iterdir())[0], trial)
+    cfg = cfgmod.replace(launch.load_run(trial), **{"data.loader": "ray"})
+    (trial / launch.RUN_CONFIG_FILE).write_text(cfgmod.dumps(cfg))
+
+    @ray.remote(num_cpus=1.5)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    try:
+        assert ray.get(holder.ready.remote(), timeout=60)
+        task = ray.remote(tune._pseudo_2d_confusion).options(num_cpus=0.5)
+        conf = ray.get(task.remote(str(trial)), timeout=300)
+        assert conf.shape[0] == conf.shape[1] and int(conf.sum()) > 0  # every pixel of the train views
+    finally:
+        ray.kill(holder)
 
 
 def test_sweep_terminal_shows_rayseg_progress_not_ray_train_reports(swept):

@@ -147,8 +147,12 @@ def prepare_sweep(path: str | Path, overrides: list[str] = (), name: str | None 
     if name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise SweepError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
     if resume:
-        if overrides:
-            raise SweepError("--resume continues a sweep exactly as it was started; drop the --set overrides")
+        # where to look is the one setting a resume may be given: a sweep started with
+        # `--set tracking.runs_dir=DIR` is found only there
+        changed = [o for o in overrides if o.split("=", 1)[0].strip() != "tracking.runs_dir"]
+        if changed:
+            raise SweepError(f"--resume continues a sweep exactly as it was started; drop the --set overrides "
+                             f"{changed} (only tracking.runs_dir, where the sweep is, may be given)")
         if name is not None:
             sweep_dir = runs_dir / name
         else:
@@ -402,7 +406,12 @@ def _supersede_stale_runs(cfg: cfgmod.Config, parent_run_id: str, run_name: str,
 
 def _pseudo_2d_confusion(run_dir: str) -> Any:
     """Confusion of the EMA teacher's 2D pseudo-labels (masked softmax -> view-region mean ->
-    argmax) against the view GT over the whole train split. GT is read for the metric only."""
+    argmax) against the view GT over the whole train split. GT is read for the metric only.
+
+    Reads the scenes in this task's own process (the plain loader), not through Ray Data: the
+    task holds its CPUs while it waits for batches, and Ray Data's read tasks each need a whole
+    free CPU. Beside the pseudo-label actor and another trial's training worker it held the last
+    half CPU of a 2-CPU machine, and all three waited on each other's reads forever."""
     import torch
 
     from rayseg.data import shards
@@ -411,7 +420,7 @@ def _pseudo_2d_confusion(run_dir: str) -> Any:
     from rayseg.train.launch import load_run
     from rayseg.train.loop import pseudo_label_confusion
 
-    cfg = load_run(run_dir)
+    cfg = cfgmod.replace(load_run(run_dir), **{"data.loader": "local"})
     num_classes = len(shards.load_manifest(cfg.data.root)["class_names"])
     device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
     model = TwoBranchModel(cfgmod.replace(cfg, **{"model.init_2d": "none"}).model, num_classes)
@@ -757,7 +766,8 @@ def format_results(sweep: Sweep, results: list[dict]) -> str:
                      + ("  UNFINISHED" if status == "unfinished" else "  stopped by ASHA" if status == "stopped" else ""))
     if counts["unfinished"]:
         lines.append(f"{counts['unfinished']} trial(s) unfinished: the sweep was interrupted; continue it with "
-                     f"`rayseg tune {sweep.file or 'FILE'} --resume --name {sweep.name}`")
+                     f"`rayseg tune {sweep.file or 'FILE'} --resume --name {sweep.name} "
+                     f"--set tracking.runs_dir={sweep.sweep_dir.parent}`")
     exp_name = sweep.config.tracking.experiment
     lines.append(f"table: rayseg report --experiment {exp_name}")
     return "\n".join(lines)
