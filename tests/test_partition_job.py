@@ -127,6 +127,11 @@ def test_partition_quality_table_and_mlflow(tmp_path, local_ray, capsys):
     assert 0.3 < metrics["vccs/oracle_miou"] < 1.0
     assert 0.0 < metrics["vccs/oracle_miou_2d"] <= 1.0
     assert metrics["gt/scenes"] == 3
+    per_class = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("vccs/oracle_iou/")}
+    assert per_class and all(0.0 <= v <= 1.0 for v in per_class.values())
+    assert abs(sum(per_class.values()) / len(per_class) - metrics["vccs/oracle_miou"]) < 1e-9  # the mean is of these
+    assert all(v == 1.0 for k, v in metrics.items() if k.startswith("gt/oracle_iou/"))
+    assert "oracle IoU 3D per class" in out
 
 
 def test_partition_repairs_a_manifest_left_stale_between_its_two_writes(tmp_path, local_ray, capsys):

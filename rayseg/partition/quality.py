@@ -84,6 +84,12 @@ class QualityAccumulator:
                 self.view_conf += confusion(oracle_prediction(vr, vl, self.num_classes), vl,
                                             self.num_classes)
 
+    def class_iou(self) -> np.ndarray:
+        """Per-class oracle IoU (C,), NaN for classes absent from GT and predictions: which
+        classes the partition can carry at all (RPC's region pooling cannot label a class whose
+        points share regions with another class's)."""
+        return iou_from_confusion(self.conf)[1]
+
     def summary(self) -> dict[str, float]:
         assigned = self.points - self.unassigned
         out = {
@@ -144,7 +150,11 @@ def run_quality(root: str | Path, methods: list[str], cfg: cfgmod.Config, split:
             print(f"partition-quality: {i + 1}/{len(paths)} scenes", flush=True)
             last = time.time()
     results = {m: acc[m].summary() for m in methods}
+    class_names = list(manifest["class_names"])
+    for m in methods:  # per class, as "<method>/oracle_iou/<class>" beside the summary numbers
+        results[m].update({f"oracle_iou/{name}": float(v) for name, v in zip(class_names, acc[m].class_iou())})
     print(format_table(results), flush=True)
+    print(format_class_table(results, class_names), flush=True)
     print(f"partition-quality: {len(paths)} scenes in {time.time() - start:.1f} s", flush=True)
     if cfg.tracking.uri:
         _log_mlflow(cfg, root, split, results)
@@ -170,6 +180,24 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _class_names(results: dict[str, dict[str, float]]) -> list[str]:
+    first = next(iter(results.values()), {})
+    return [k.split("/", 1)[1] for k in first if k.startswith("oracle_iou/")]
+
+
+def format_class_table(results: dict[str, dict[str, float]], class_names: list[str]) -> str:
+    """Per-class oracle IoU 3D (%), one column per method; classes absent from GT left out."""
+    methods = list(results)
+    head = f"{'oracle IoU 3D per class':<24}" + "".join(f"{m[:16]:>17}" for m in methods)
+    lines = [head, "-" * len(head)]
+    for name in class_names:
+        values = [results[m].get(f"oracle_iou/{name}", float("nan")) for m in methods]
+        if all(np.isnan(v) for v in values):
+            continue
+        lines.append(f"{name:<24}" + "".join(f"{100 * v:17.1f}" for v in values))
+    return "\n".join(lines)
+
+
 def _log_mlflow(cfg: cfgmod.Config, root: Path, split: str | None,
                 results: dict[str, dict[str, float]]) -> None:
     from rayseg.partition import is_oracle
@@ -183,6 +211,7 @@ def _log_mlflow(cfg: cfgmod.Config, root: Path, split: str | None,
     try:
         tracker.log_metrics({f"{m}/{k}": v for m, r in results.items() for k, v in r.items()
                              if np.isfinite(v)}, step=0)
-        tracker.log_text(format_table(results) + "\n", "partition_quality.txt")
+        tracker.log_text(format_table(results) + "\n\n" + format_class_table(results, _class_names(results)) + "\n",
+                         "partition_quality.txt")
     finally:
         tracker.end()
