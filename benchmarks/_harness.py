@@ -191,6 +191,7 @@ def count_flops():
     from torch.utils import flop_counter
 
     global _FLOP_COUNTER
+
     def addmm_(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
         return 2 * a_shape[0] * a_shape[1] * b_shape[1]  # as torch counts addmm: the product's
 

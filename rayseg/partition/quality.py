@@ -157,7 +157,7 @@ def run_quality(root: str | Path, methods: list[str], cfg: cfgmod.Config, split:
     print(format_class_table(results, class_names), flush=True)
     print(f"partition-quality: {len(paths)} scenes in {time.time() - start:.1f} s", flush=True)
     if cfg.tracking.uri:
-        _log_mlflow(cfg, root, split, results)
+        _log_mlflow(cfg, root, split, results, class_names)
     return results
 
 
@@ -180,11 +180,6 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _class_names(results: dict[str, dict[str, float]]) -> list[str]:
-    first = next(iter(results.values()), {})
-    return [k.split("/", 1)[1] for k in first if k.startswith("oracle_iou/")]
-
-
 def format_class_table(results: dict[str, dict[str, float]], class_names: list[str]) -> str:
     """Per-class oracle IoU 3D (%), one column per method; classes absent from GT left out."""
     methods = list(results)
@@ -199,7 +194,7 @@ def format_class_table(results: dict[str, dict[str, float]], class_names: list[s
 
 
 def _log_mlflow(cfg: cfgmod.Config, root: Path, split: str | None,
-                results: dict[str, dict[str, float]]) -> None:
+                results: dict[str, dict[str, float]], class_names: list[str]) -> None:
     from rayseg.partition import is_oracle
     from rayseg.train.tracking import Tracker
 
@@ -211,7 +206,7 @@ def _log_mlflow(cfg: cfgmod.Config, root: Path, split: str | None,
     try:
         tracker.log_metrics({f"{m}/{k}": v for m, r in results.items() for k, v in r.items()
                              if np.isfinite(v)}, step=0)
-        tracker.log_text(format_table(results) + "\n\n" + format_class_table(results, _class_names(results)) + "\n",
+        tracker.log_text(format_table(results) + "\n\n" + format_class_table(results, class_names) + "\n",
                          "partition_quality.txt")
     finally:
         tracker.end()
