@@ -542,6 +542,11 @@ class TuneConfig:
     """Trials whose stage-cmg settings are equal (e.g. Table 8's rows, which differ only in RPC)
     train stage cmg once, in <sweep>/stage1/<key>/, and branch from its last checkpoint (hard
     links, no copy). Off with ASHA, which needs every trial's stage-cmg epochs reported."""
+    stage1_dir: str = ""
+    """Where shared stage-cmg runs live: empty = <sweep>/stage1. A folder named here is shared by
+    every sweep that names it, so a later sweep of stage-cmg_rpc settings (thresholds, RPC
+    branches, its lr) branches from a stage cmg an earlier sweep trained. Safe: each run sits
+    under a digest of every setting that acts in stage cmg (data.root and seed included)."""
     asha_grace_epochs: int = 1
     """ASHA: epochs every trial runs before it may be stopped."""
     asha_reduction_factor: int = 2

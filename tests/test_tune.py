@@ -305,6 +305,37 @@ def test_trials_share_stage_cmg_when_its_settings_agree(swept):
         assert len(branched) == 2 and len({n.split("-")[-1] for n in branched}) == 1  # one mode, both etas
 
 
+def test_a_later_sweep_branches_from_a_stage1_dir_an_earlier_one_trained(swept):
+    """tune.stage1_dir shares stage cmg across sweeps: a second sweep, of an eta the first never
+    ran, trains no stage cmg of its own; its trial starts from the first sweep's region-mode
+    stage-cmg checkpoint (the same file, hard-linked)."""
+    tmp, sweep_dir = swept["tmp"], swept["sweep_dir"]
+    stage1 = sweep_dir / tune.STAGE1_DIR
+    keys_before = sorted(p.name for p in stage1.iterdir())
+    path = write(tmp / "later.toml", f"""
+extends = "base.toml"
+name = "tiny-sweep"
+[tune]
+stage1_dir = "{stage1}"
+[grid]
+'loss.rpc.eta' = [0.5]
+'loss.rpc.mode' = ["region"]
+""")
+    sweep = tune.prepare_sweep(path, name="sweep-b")
+    result = tune.run_sweep(sweep)
+    assert result["errors"] == 0 and len(result["results"]) == 1
+    assert not (sweep.sweep_dir / tune.STAGE1_DIR).exists()  # nothing trained under the new sweep
+    assert sorted(p.name for p in stage1.iterdir()) == keys_before  # nor a new key in the shared folder
+    (trial,) = (sweep.sweep_dir / tune.TRIALS_DIR).iterdir()
+    (region,) = [d.parent for d in stage1.glob(f"*/{tune.STAGE1_DONE}")
+                 if launch.load_run(d.parent).loss.rpc.mode == "region"]
+    name = json.loads((region / tune.STAGE1_DONE).read_text())["checkpoint"]
+    shared_file = region / "checkpoints" / name / "state.pt"
+    assert (trial / "checkpoints" / name / "state.pt").stat().st_ino == shared_file.stat().st_ino
+    cfg = launch.load_run(trial)
+    assert cfg.loss.rpc.eta == 0.5 and cfg.loss.rpc.mode == "region"
+
+
 def test_stage1_key_ignores_only_later_settings():
     cfg = cfgmod.Config()
     key = tune.stage1_key(cfg)

@@ -64,7 +64,8 @@ AFTER_STAGE1_PREFIXES = ("optim.seg_", "tune.", "tracking.")
 SWEEP_LEVEL_SECTIONS = ("tune.", "tracking.", "ray.")
 # Config values that are paths: made absolute before trials start (Tune runs trials in their own
 # working directories; a resumed sweep may be started from another directory).
-PATH_KEYS = ("data.root", "data.pseudo_labels", "tracking.runs_dir", "model.init_2d", "model.init_3d")
+PATH_KEYS = ("data.root", "data.pseudo_labels", "tracking.runs_dir", "model.init_2d", "model.init_3d",
+             "tune.stage1_dir")
 # MLflow tags of sweep runs.
 TAG_SWEEP = "rayseg.sweep"
 TAG_ROLE = "rayseg.sweep_role"
@@ -514,8 +515,8 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def branch_from_shared_stage1(cfg: cfgmod.Config, sweep_dir: Path, trial_dir: Path,
                               parent_run_id: str | None) -> Path | None:
-    """Give a fresh trial stage cmg's last checkpoint from <sweep>/stage1/<key>/, training it
-    there first if no trial has (one trial trains it, the others with the same key wait on a
+    """Give a fresh trial stage cmg's last checkpoint from <sweep>/stage1/<key>/ (or
+    <tune.stage1_dir>/<key>/, shared across sweeps), training it there first if no trial has (one trial trains it, the others with the same key wait on a
     lock file; a killed training resumes from its own checkpoints). The trial then resumes
     from that checkpoint straight into stage cmg_rpc. Returns the shared run directory, or None
     when the trial already has checkpoints of its own (a resumed trial) or sharing is off."""
@@ -526,7 +527,7 @@ def branch_from_shared_stage1(cfg: cfgmod.Config, sweep_dir: Path, trial_dir: Pa
 
     if not cfg.tune.share_stage1 or cfg.tune.asha or not cfg.optim.cmg_epochs or latest_checkpoint(trial_dir):
         return None
-    shared = sweep_dir / STAGE1_DIR / stage1_key(cfg)
+    shared = (Path(cfg.tune.stage1_dir) if cfg.tune.stage1_dir else sweep_dir / STAGE1_DIR) / stage1_key(cfg)
     shared.mkdir(parents=True, exist_ok=True)
     with open(shared.parent / f"{shared.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS if this process dies
