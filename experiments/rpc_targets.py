@@ -107,8 +107,9 @@ def analyse(rows: list[dict], num_classes: int, thresholds: dict[str, L.Threshol
 
 
 def class_table(result: dict, own: str, class_names: tuple[str, ...]) -> list[dict]:
-    """Per class present in GT: its share of points, the region-pooled teacher's IoU, and the
-    precision / recall of the kept targets under threshold `own` (confusions are conf[gt, pred])."""
+    """Per class present in GT: its share of points, the region-pooled teacher's IoU, the
+    precision / recall of the kept targets under threshold `own` (confusions are conf[gt, pred]),
+    and the two classes its points are most often kept as instead (share of its points)."""
     conf_region = result["conf_region"].double()
     conf_kept = result["thresholds"][own]["conf"].double()
     gt, iou = conf_region.sum(1), M.iou_per_class(result["conf_region"])
@@ -119,7 +120,10 @@ def class_table(result: dict, own: str, class_names: tuple[str, ...]) -> list[di
         kept_pred, kept_right = float(conf_kept[:, c].sum()), float(conf_kept[c, c])
         rows.append({"class": name, "gt_share": float(gt[c] / gt.sum()), "teacher_region_iou": float(np.nan_to_num(iou[c])),
                      "kept_precision": kept_right / kept_pred if kept_pred else float("nan"),
-                     "kept_recall": kept_right / float(gt[c])})
+                     "kept_recall": kept_right / float(gt[c]),
+                     # where the class's points are sent instead: the two largest wrong kept targets
+                     "kept_as": [(class_names[o], float(conf_kept[c, o] / gt[c]))
+                                 for o in conf_kept[c].argsort(descending=True).tolist() if o != c][:2]})
     return rows
 
 
@@ -160,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{t['fixes']:>8.2%}{t['breaks']:>8.2%}")
     classes = class_table(result, own, class_names)
     print(f"\nper class, kept targets under {own}:")
-    print(f"{'class':<16}{'GT share':>9}{'teacher IoU':>13}{'precision':>11}{'recall':>8}")
+    print(f"{'class':<16}{'GT share':>9}{'teacher IoU':>13}{'precision':>11}{'recall':>8}  kept as instead")
     for c in classes:
+        instead = ", ".join(f"{name} {share:.0%}" for name, share in c["kept_as"])
         print(f"{c['class']:<16}{c['gt_share']:>9.1%}{100 * c['teacher_region_iou']:>13.1f}"
-              f"{c['kept_precision']:>11.1%}{c['kept_recall']:>8.1%}")
+              f"{c['kept_precision']:>11.1%}{c['kept_recall']:>8.1%}  {instead}")
     if args.out:
         plain = {k: v for k, v in result.items() if k != "conf_region"}
         plain["thresholds"] = {k: {kk: vv for kk, vv in v.items() if kk != "conf"} for k, v in result["thresholds"].items()}

@@ -109,3 +109,6 @@ def test_rpc_targets_counts_what_region_pooled_targets_fix_and_break():
     assert states["adaptive"].counts.tolist() == [3, 3, 0]
     assert abs(out["teacher_point_miou"] - 1.0) < 1e-9  # point-wise the teacher is right everywhere...
     assert out["teacher_region_miou"] < 0.7  # ...pooling region 1 loses class 2
+    table = {r["class"]: r for r in rpctargets.class_table(out, "adaptive", ("a", "b", "c"))}
+    assert table["c"]["kept_recall"] == 0.0 and table["c"]["kept_as"][0] == ("b", 1.0)  # its point was taught "b"
+    assert table["a"]["kept_recall"] == 1.0 and table["a"]["kept_as"][0][1] == 0.0
