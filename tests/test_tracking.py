@@ -184,3 +184,28 @@ def test_predict_on_a_run_directory_and_a_dataset(pipeline_runs, tmp_path):
         assert np.array_equal(np.load(tmp_path / "out" / f"{path.stem}.labels.npy"), teacher.predict(points))
     rows = (tmp_path / "out" / "histogram.csv").read_text().splitlines()
     assert len(rows) == 1 + len(val) and rows[0].startswith("scan,points,")
+
+
+# Four processes that open one fresh runs directory's store at the same moment (two `rayseg train`
+# started together): MLflow's schema migrations are not safe to run concurrently, and without
+# tracking's creation lock three of the four died ("Online migration expected to match one row").
+OPEN_STORE = """
+import sys
+from rayseg import config as cfgmod
+from rayseg.train import tracking
+cfg = cfgmod.replace(cfgmod.Config(), **{"tracking.runs_dir": sys.argv[1], "tracking.experiment": "race"})
+print(tracking.experiment_id(tracking.client_for(cfg), cfg))
+"""
+
+
+def test_a_fresh_store_opened_by_four_processes_at_once(tmp_path):
+    import sys
+
+    runs = tmp_path / "runs"
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, str(runs)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-1500:] for _, err in outs]
+    assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1  # one experiment, the same id
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    assert [e.name for e in client.search_experiments() if e.name == "race"] == ["race"]

@@ -52,10 +52,36 @@ SOURCE_TAGS = ("mlflow.source.name", "mlflow.source.type", "mlflow.source.git.co
 
 def tracking_uri(cfg: cfgmod.Config) -> str:
     if cfg.tracking.uri:
-        return cfg.tracking.uri
-    runs = Path(cfg.tracking.runs_dir).resolve()
-    runs.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{runs / 'mlflow.db'}"
+        uri = cfg.tracking.uri
+    else:
+        runs = Path(cfg.tracking.runs_dir).resolve()
+        runs.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{runs / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        _create_sqlite_store_once(Path(uri[len("sqlite:///"):]), uri)
+    return uri
+
+
+def _create_sqlite_store_once(db: Path, uri: str) -> None:
+    """Create a new sqlite store's schema in one process at a time. MLflow builds it on first use
+    with alembic migrations that are not safe to run concurrently: of four commands started
+    together on a fresh runs directory (two `rayseg train` at once, say), three died with
+    "Online migration expected to match one row ... 0 found". A marker file written after the
+    schema is complete lets every later open skip the lock (a store found without it, e.g. made by
+    an older rayseg, is opened once under the lock, which migrates nothing)."""
+    ready = db.parent / f".{db.name}.ready"
+    if ready.is_file():
+        return
+    import fcntl
+
+    import mlflow
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.parent / f".{db.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process closes it or dies
+        if not ready.is_file():
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # builds the schema
+            ready.touch()
 
 
 def artifact_location(cfg: cfgmod.Config) -> str | None:
