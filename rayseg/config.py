@@ -474,6 +474,8 @@ class RayConfig:
     """One GPU per worker; NCCL instead of gloo."""
     data_block_mb: int = 16
     """Ray Data target max block size, MiB (scene-sized rows)."""
+    data_task_cpus: float = 1.0
+    """CPUs each Ray Data sample task (read a shard, decode, augment) asks Ray for."""
     max_failures: int = 2
     """Ray Train FailureConfig.max_failures (resume from the last checkpoint)."""
     inference_actors: int = 1
@@ -483,6 +485,7 @@ class RayConfig:
         _check(self.num_workers >= 0, "num_workers", "must be >= 0")
         _check(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
         _check(self.data_block_mb > 0, "data_block_mb", "must be > 0")
+        _check(self.data_task_cpus > 0, "data_task_cpus", "must be > 0")
         _check(self.inference_actors > 0, "inference_actors", "must be > 0")
 
 

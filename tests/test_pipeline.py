@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from rayseg import config as cfgmod
 from rayseg.data import pipeline as P
 from rayseg.data import shards
 from rayseg.data.linking import link_points
@@ -297,3 +298,29 @@ def test_stream_command(dataset, capsys):
     assert "batch 1: scenes ['scene05', 'scene06']" in out and "2 scenes in" in out
     assert cli.main(["stream", *sets, "--set", "data.region_column=vccs"]) == 2
     assert "region_vccs" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_ray_data_tasks_ask_for_ray_data_task_cpus(dataset, ray_local):
+    """With 1.5 of the 2 CPUs held, a sample task that asks for a whole CPU cannot start (Ray Data
+    waits for one forever); at ray.data_task_cpus = 0.25 the same pass streams."""
+    import ray
+
+    @ray_local.remote(num_cpus=1.5)
+    class Holder:
+        def ping(self) -> int:
+            return 1
+
+    holder = Holder.remote()
+    ray_local.get(holder.ping.remote())
+    try:
+        cfg = cfgmod.replace(small_config(), **{"ray.data_task_cpus": 0.25})
+        batches = list(P.iter_batches_ray(P.ray_dataset(dataset, "val", cfg, "infer"), batch_size=2))
+        assert [b["scene_id"] for b in batches] == [["scene05", "scene06"]]
+        whole = P.ray_dataset(dataset, "val", small_config(), "infer")
+        ref = ray.remote(lambda ds: len(list(ds.iter_rows()))).options(num_cpus=0).remote(whole)
+        ready, _ = ray.wait([ref], timeout=20)
+        assert not ready  # a whole CPU per task: still waiting
+        ray_local.cancel(ref, force=True)
+    finally:
+        ray_local.kill(holder)

@@ -588,7 +588,7 @@ def ray_dataset_from_plans(plans: list[tuple[int, DatasetPlan]], cfg: Config, se
     items = [{"path": str(path), "pass": i} for i, (_, p) in enumerate(plans) for path in p.paths]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map(functools.partial(_sample_from_item, plans=[(e, _plan_spec(p)) for e, p in plans], cfg=cfg,
-                                    seed=seed))
+                                    seed=seed), num_cpus=cfg.ray.data_task_cpus)
 
 
 def _plan_spec(p: DatasetPlan) -> dict:
