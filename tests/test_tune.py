@@ -307,7 +307,8 @@ def test_trials_share_stage_cmg_when_its_settings_agree(swept):
 
 def test_a_later_sweep_branches_from_a_stage1_dir_an_earlier_one_trained(swept):
     """tune.stage1_dir shares stage cmg across sweeps: a second sweep, of an eta the first never
-    ran, trains no stage cmg of its own; its trial starts from the first sweep's region-mode
+    ran (under its own runs folder and experiment, so the first sweep's report is untouched),
+    trains no stage cmg of its own; its trial starts from the first sweep's region-mode
     stage-cmg checkpoint (the same file, hard-linked)."""
     tmp, sweep_dir = swept["tmp"], swept["sweep_dir"]
     stage1 = sweep_dir / tune.STAGE1_DIR
@@ -317,6 +318,9 @@ extends = "base.toml"
 name = "tiny-sweep"
 [tune]
 stage1_dir = "{stage1}"
+[tracking]
+runs_dir = "{tmp / 'runs-later'}"
+experiment = "tiny-sweep-later"
 [grid]
 'loss.rpc.eta' = [0.5]
 'loss.rpc.mode' = ["region"]
