@@ -22,7 +22,9 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # Ray Train's PlacementGroupCleaner (a detached actor beside each Train run) asks the state API
 # every second whether the run's controller is alive; the state API is served by the dashboard,
 # which a local Ray here does not start, so each check failed with "Failed to query Ray Train
-# Controller actor state ..." (50 of the first 122 terminal lines of a 4-trial sweep). Without the
+# Controller actor state ..." (50 of the first 122 terminal lines of a 4-trial sweep; with this
+# hook, 0 in four sweeps' 1,900 lines). Only Ray started here has the hook: a command that joins
+# a running Ray (RAY_ADDRESS, a cluster with its dashboard) keeps that Ray's settings. Without the
 # state API it cannot do its job (remove a crashed controller's placement group) either way, so
 # silencing it loses nothing.
 QUIET_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)

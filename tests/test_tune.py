@@ -280,13 +280,12 @@ def test_2d_confusion_task_finishes_with_only_its_own_half_cpu(swept, tmp_path):
 
 def test_sweep_terminal_shows_rayseg_progress_not_ray_train_reports(swept):
     """What `rayseg tune` printed before the kill: rayseg's own step lines from the trials' Ray
-    Train workers, none of Ray Train's INFO echo of every report's metrics dict, and none of the
-    PlacementGroupCleaner's warnings that the state API (served by the dashboard, off here) did
-    not answer (9-12 of them in this fixture's terminal before the workers' setup hook)."""
+    Train workers, and none of Ray Train's INFO echo of every report's metrics dict. (This sweep
+    joins the fixture's Ray, so rayseg.raylocal's worker setup hook, which quiets the
+    PlacementGroupCleaner in rayseg's own local Ray, is not in effect here.)"""
     printed = (swept["tmp"] / "first.log").read_text()
     assert "[rayseg] cmg epoch" in printed
     assert "Reporting training result" not in printed and "Reported metrics" not in printed
-    assert "Failed to query Ray Train Controller actor state" not in printed
 
 
 def test_trials_share_stage_cmg_when_its_settings_agree(swept):
