@@ -57,9 +57,15 @@ def tracking_uri(cfg: cfgmod.Config) -> str:
         runs = Path(cfg.tracking.runs_dir).resolve()
         runs.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{runs / 'mlflow.db'}"
-    if uri.startswith("sqlite:///"):
-        _create_sqlite_store_once(Path(uri[len("sqlite:///"):]), uri)
+    db = _sqlite_db(uri)
+    if db is not None:
+        _create_sqlite_store_once(db, uri)
     return uri
+
+
+def _sqlite_db(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI, else None (a tracking server)."""
+    return Path(uri[len("sqlite:///"):]).resolve() if uri.startswith("sqlite:///") else None
 
 
 def _create_sqlite_store_once(db: Path, uri: str) -> None:
@@ -88,11 +94,8 @@ def artifact_location(cfg: cfgmod.Config) -> str | None:
     """For a sqlite store (the default one or an explicit sqlite:/// URI): <db dir>/mlartifacts,
     instead of ./mlruns of whatever directory the process started in. A tracking server (http)
     decides itself (None)."""
-    uri = tracking_uri(cfg)
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri[len("sqlite:///"):]).resolve()
-    return (db.parent / "mlartifacts").as_uri()
+    db = _sqlite_db(tracking_uri(cfg))
+    return None if db is None else (db.parent / "mlartifacts").as_uri()
 
 
 def client_for(cfg: cfgmod.Config):

@@ -516,8 +516,9 @@ def _link_or_copy(src: str, dst: str) -> None:
 def branch_from_shared_stage1(cfg: cfgmod.Config, sweep_dir: Path, trial_dir: Path,
                               parent_run_id: str | None) -> Path | None:
     """Give a fresh trial stage cmg's last checkpoint from <sweep>/stage1/<key>/ (or
-    <tune.stage1_dir>/<key>/, shared across sweeps), training it there first if no trial has (one trial trains it, the others with the same key wait on a
-    lock file; a killed training resumes from its own checkpoints). The trial then resumes
+    <tune.stage1_dir>/<key>/, shared across sweeps), training it there first if no trial has
+    (one trial trains it, the others with the same key wait on a lock file; a killed training
+    resumes from its own checkpoints). The trial then resumes
     from that checkpoint straight into stage cmg_rpc. Returns the shared run directory, or None
     when the trial already has checkpoints of its own (a resumed trial) or sharing is off."""
     import fcntl
