@@ -156,12 +156,14 @@ def _preflight(root: str, region_column: str = "") -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from rayseg.train import launch
 
+    if args.resume and args.branch_from:
+        raise cfgmod.ConfigError("train: --resume continues a run, --from starts a new one: give one of them")
     cfg = launch.load_run(args.resume) if args.resume else _load(args).config
     _preflight(cfg.data.root, cfg.data.region_column)
     if args.resume:
         run_dir = launch.train(cfg, resume=args.resume)
     else:
-        run_dir = launch.train(cfg)
+        run_dir = launch.train(cfg, branch_from=args.branch_from)
     print(f"run directory: {run_dir}")
     return 0
 
@@ -487,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="stages cmg -> cmg_rpc (teacher-student) on Ray Train")
     _add_config_args(p, required=False)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    p.add_argument("--from", dest="branch_from", metavar="RUN_DIR",
+                   help="a new run that starts at stage cmg_rpc from RUN_DIR's finished stage cmg (every "
+                        "setting acting in stage cmg must equal this config's; checked)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("pseudo-label", help="EMA teacher -> pseudo-label shards (Ray Data, resumable)")
     p.add_argument("run", help="training run directory")

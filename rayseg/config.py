@@ -874,6 +874,25 @@ def dumps(cfg: Config) -> str:
     return tomli_w.dumps(to_dict(cfg))
 
 
+# Config values that are paths: made absolute where a config leaves the directory it was read
+# from (Tune runs trials in their own working directories; a resumed sweep may be started from
+# another directory; `rayseg train --from` compares a stored run's settings with this one's).
+PATH_KEYS = ("data.root", "data.pseudo_labels", "tracking.runs_dir", "model.init_2d", "model.init_3d",
+             "tune.stage1_dir")
+
+
+def absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """Flat values with every PATH_KEYS entry that is a relative path made absolute (from the
+    cwd, as every rayseg command reads them)."""
+    out = dict(values)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if not isinstance(value, str) or not value or (key == "model.init_2d" and value in ("imagenet", "none")):
+            continue
+        out[key] = str(Path(value).expanduser().resolve())
+    return out
+
+
 def replace(cfg: Config, **dotted: Any) -> Config:
     """Copy of cfg with dotted-key overrides, e.g. replace(cfg, **{'optim.cmg_epochs': 1})."""
     flat = flatten(to_dict(copy.deepcopy(cfg)))

@@ -181,6 +181,36 @@ def test_resume_after_kill_matches_uninterrupted(tiny, tmp_path):
     torch.testing.assert_close(_state_vector(state), _state_vector(ref_state), rtol=1e-4, atol=1e-5)
 
 
+def test_branch_from_a_finished_stage_cmg(tiny, tmp_path):
+    """`rayseg train --from RUN`: a new run that starts at stage cmg_rpc from RUN's last stage-cmg
+    checkpoint (hard-linked) ends exactly where training the same config from scratch ends; a
+    source whose stage cmg had other settings is refused, naming the setting."""
+    from rayseg.train.tracking import client_for, read_record
+
+    cfg, _ = tiny
+    cfg = cfgmod.replace(cfg, **{"optim.cmg_epochs": 2, "optim.cmg_rpc_epochs": 1, "data.monitor_scenes": 0,
+                                 "tracking.runs_dir": str(tmp_path / "runs")})
+    source = launch.train(cfg)
+    branched = launch.train(cfg, branch_from=str(source))
+    names = sorted(p.name for p in (branched / "checkpoints").iterdir())
+    assert [n.split("-")[1] for n in names] == ["cmg", "cmg_rpc"]  # stage cmg not trained again
+    assert (branched / "checkpoints" / names[0] / "state.pt").stat().st_ino == \
+        (source / "checkpoints" / names[0] / "state.pt").stat().st_ino
+    ref = torch.load(latest_checkpoint(source), weights_only=False)
+    got = torch.load(latest_checkpoint(branched), weights_only=False)
+    assert got["progress"]["step"] == ref["progress"]["step"]
+    torch.testing.assert_close(_state_vector(got), _state_vector(ref), rtol=1e-4, atol=1e-5)
+    pipeline = client_for(cfg).get_run(read_record(branched)["pipeline_run_id"])
+    assert pipeline.data.tags[launch.TAG_BRANCHED_FROM].endswith(names[0])
+    assert pipeline.data.tags[launch.TAG_STAGE1_RUN] == read_record(source)["stage_runs"]["cmg"]
+
+    with pytest.raises(cfgmod.ConfigError, match=r"loss\.guidance\.alpha = 0\.5 here"):
+        launch.train(cfgmod.replace(cfg, **{"loss.guidance.alpha": 0.5}), branch_from=str(source))
+    unfinished = launch.new_run_dir(cfg, "train")
+    with pytest.raises(cfgmod.ConfigError, match="no checkpoint at the end of its stage cmg"):
+        launch.train(cfg, branch_from=str(unfinished))
+
+
 def _ddp_worker(config: dict) -> None:
     """One gradient step's gradients under 2-worker gloo DDP, written by rank 0."""
     import ray.train

@@ -121,3 +121,23 @@ def remove_partial_ray_copies(run_dir: str | Path) -> list[Path]:
         removed.append(copy)
     return removed
 
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """dst = src with hard links (a copy where links are impossible), via a temp dir + rename: a
+    run branched from another's checkpoint shares its files instead of copying them."""
+    import os
+    import uuid
+
+    tmp = dst.parent / f".tmp-{dst.name}-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    os.replace(tmp, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    import os
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

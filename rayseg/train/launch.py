@@ -14,6 +14,7 @@ as an MLflow model (rayseg.predict.PointSegmenter) output of the last stage run.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 import uuid
@@ -128,21 +129,81 @@ def fit(cfg: cfgmod.Config, run_dir: Path, stages: list[str], parent_run_id: str
     return dict(result.metrics or {})
 
 
-def train(cfg: cfgmod.Config, resume: str | None = None, parent_run_id: str | None = None) -> Path:
+def train(cfg: cfgmod.Config, resume: str | None = None, parent_run_id: str | None = None,
+          branch_from: str | None = None) -> Path:
     """Stages cmg -> cmg_rpc as one experiment, then the EMA teacher as an MLflow model.
     MLflow: a 'train' pipeline run with the stages as children, or the stages directly under
-    `parent_run_id`. Returns the run directory."""
+    `parent_run_id`. `branch_from` (a train run directory): start at stage cmg_rpc from that
+    run's finished stage cmg (see branch_run). Returns the run directory."""
     check_dataset(cfg)
-    run_dir = Path(resume).resolve() if resume else new_run_dir(cfg, "train")
+    tags = None
+    if branch_from:
+        run_dir, tags = branch_run(cfg, branch_from)
+    else:
+        run_dir = Path(resume).resolve() if resume else new_run_dir(cfg, "train")
     if resume:
         cfg = load_run(run_dir)
     stages = [s for s, epochs in (("cmg", cfg.optim.cmg_epochs), ("cmg_rpc", cfg.optim.cmg_rpc_epochs)) if epochs]
     if not stages:
         raise cfgmod.ConfigError("optim.cmg_epochs and optim.cmg_rpc_epochs are both 0: nothing to train")
-    with pipeline_run(cfg, run_dir, "train", parent_run_id) as pipeline:
+    with pipeline_run(cfg, run_dir, "train", parent_run_id, tags=tags) as pipeline:
         fit(cfg, run_dir, stages, parent_run_id=pipeline)
         log_run_model(cfg, run_dir, "teacher")
     return run_dir
+
+
+BRANCH_FILE = "branched_from.json"
+TAG_BRANCHED_FROM = "rayseg.branched_from"  # the checkpoint a branched run started from
+TAG_STAGE1_RUN = "rayseg.stage1_run"  # its stage cmg's MLflow run (the source run's, or a shared one)
+
+
+def stage_cmg_checkpoint(run_dir: Path, cfg: cfgmod.Config) -> Path:
+    """The checkpoint directory a run wrote at the end of its stage cmg (<step>-cmg-e<epochs>)."""
+    from rayseg.train.checkpoint import checkpoints
+
+    last = f"-cmg-e{cfg.optim.cmg_epochs:04d}"
+    found = [p.parent for p in checkpoints(run_dir) if p.parent.name.endswith(last)]
+    if not cfg.optim.cmg_epochs or not found:
+        have = ", ".join(p.parent.name for p in checkpoints(run_dir)) or "none"
+        raise cfgmod.ConfigError(
+            f"{run_dir}: no checkpoint at the end of its stage cmg (epoch {cfg.optim.cmg_epochs}; it has: {have}). "
+            "Finish that stage first (`rayseg train --resume RUN_DIR`), or keep its checkpoints "
+            "(tracking.keep_checkpoints = 0) so the stage's last one is not pruned.")
+    return found[-1]
+
+
+def branch_run(cfg: cfgmod.Config, source: str | Path) -> tuple[Path, dict[str, str]]:
+    """A new train run directory for `cfg` that starts at stage cmg_rpc from `source`'s finished
+    stage cmg (its checkpoint hard-linked, not copied): the same as training cfg from scratch
+    when every setting that acts in stage cmg is equal (stages.stage1_differences), which is
+    checked. Returns (run directory, MLflow tags naming the source)."""
+    from rayseg.train import tracking
+    from rayseg.train.checkpoint import link_tree
+    from rayseg.train.stages import stage1_differences
+
+    source = Path(source).resolve()
+    source_cfg = load_run(source)
+    differ = stage1_differences(cfg, source_cfg)
+    if differ:
+        listed = "; ".join(f"{k} = {a!r} here, {b!r} in the source" for k, (a, b) in list(differ.items())[:6])
+        more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
+        raise cfgmod.ConfigError(
+            f"--from {source}: its stage cmg was trained with other settings than this config's, so "
+            f"branching would not be the run this config describes: {listed}{more}. Only settings that "
+            "act after stage cmg (optim.cmg_rpc_*, loss.rpc.enabled_*/beta/eta/threshold/warmup_steps/"
+            "teacher_bn, optim.seg_*, name, tracking.*, tune.*) may differ.")
+    checkpoint = stage_cmg_checkpoint(source, source_cfg)
+    run_dir = new_run_dir(cfg, "train")
+    (run_dir / "checkpoints").mkdir()
+    link_tree(checkpoint, run_dir / "checkpoints" / checkpoint.name)
+    stage1_run = (tracking.read_record(source).get("stage_runs") or {}).get("cmg")
+    record = {"source_run": str(source), "checkpoint": str(checkpoint), "stage1_mlflow_run": stage1_run}
+    (run_dir / BRANCH_FILE).write_text(json.dumps(record, indent=2))
+    print(f"[rayseg] {run_dir.name} starts at stage cmg_rpc from {checkpoint}", flush=True)
+    tags = {TAG_BRANCHED_FROM: str(checkpoint)}
+    if stage1_run:
+        tags[TAG_STAGE1_RUN] = stage1_run
+    return run_dir, tags
 
 
 @contextlib.contextmanager

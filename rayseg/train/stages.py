@@ -1,9 +1,23 @@
-"""Per-stage data settings: shared by training, evaluation and export without importing the
-training loop."""
+"""Which settings act in which stage: the data settings each stage trains with (shared by
+training, evaluation and export without importing the training loop), and the settings a
+finished stage cmg depends on (what lets runs share or branch from one)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from rayseg import config as cfgmod
+
+# Config keys that act only after stage cmg: runs that differ in nothing else can share stage cmg
+# (Tune's share_stage1, `rayseg train --from`).
+# Not here on purpose: loss.rpc.ema_decay (the EMA teacher is updated from the first step),
+# loss.rpc.mode (the stage-cmg monitor pools with it), optim.cmg_rpc_init (decided by stage cmg).
+AFTER_STAGE1_KEYS = frozenset({
+    "optim.cmg_rpc_epochs", "optim.cmg_rpc_lr", "loss.rpc.enabled_3d", "loss.rpc.enabled_2d", "loss.rpc.beta",
+    "loss.rpc.eta", "loss.rpc.threshold", "loss.rpc.warmup_steps", "loss.rpc.teacher_bn", "data.pseudo_labels",
+    "name"})
+AFTER_STAGE1_PREFIXES = ("optim.seg_", "tune.", "tracking.")
 
 
 def stage_config(cfg: cfgmod.Config, stage: str) -> cfgmod.Config:
@@ -15,3 +29,21 @@ def stage_config(cfg: cfgmod.Config, stage: str) -> cfgmod.Config:
     return cfgmod.replace(cfg, **{"data.num_views": 0, "data.voxel_size": cfg.optim.seg_voxel_size,
                                   "augment.mix3d": False, "augment.remove_floor_p": 0.0,
                                   "augment.remove_wall_p": 0.0, "augment.remove_ceiling_p": 0.0})
+
+
+def stage1_settings(cfg: cfgmod.Config) -> dict:
+    """Every flat setting that acts in stage cmg (all but AFTER_STAGE1_KEYS/_PREFIXES), paths
+    made absolute."""
+    flat = cfgmod.absolute_paths(cfgmod.flatten(cfgmod.to_dict(cfg)))
+    return {k: v for k, v in flat.items() if k not in AFTER_STAGE1_KEYS and not k.startswith(AFTER_STAGE1_PREFIXES)}
+
+
+def stage1_key(cfg: cfgmod.Config) -> str:
+    """A digest of stage1_settings: equal for runs whose stage cmg is the same computation."""
+    return hashlib.sha256(json.dumps(stage1_settings(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage1_differences(cfg: cfgmod.Config, other: cfgmod.Config) -> dict[str, tuple]:
+    """{key: (cfg's value, other's value)} for the stage-cmg settings in which they differ."""
+    a, b = stage1_settings(cfg), stage1_settings(other)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}

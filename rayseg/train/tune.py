@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from rayseg import config as cfgmod
+from rayseg.train.stages import stage1_key
 
 SWEEP_FILE = "sweep.json"
 TUNE_DIR = "tune"
@@ -52,20 +53,8 @@ RESULT_FILE = "result.json"
 STAGE1_DIR = "stage1"
 STAGE1_DONE = "complete.json"
 
-# Config keys that act only after stage cmg: trials that differ in nothing else share stage cmg.
-# Not here on purpose: loss.rpc.ema_decay (the EMA teacher is updated from the first step),
-# loss.rpc.mode (the stage-cmg monitor pools with it), optim.cmg_rpc_init (decided by stage cmg).
-AFTER_STAGE1_KEYS = frozenset({
-    "optim.cmg_rpc_epochs", "optim.cmg_rpc_lr", "loss.rpc.enabled_3d", "loss.rpc.enabled_2d", "loss.rpc.beta",
-    "loss.rpc.eta", "loss.rpc.threshold", "loss.rpc.warmup_steps", "loss.rpc.teacher_bn", "data.pseudo_labels",
-    "name"})
-AFTER_STAGE1_PREFIXES = ("optim.seg_", "tune.", "tracking.")
 # Settings of the whole sweep (resources, tracking, Tune itself): never a per-trial grid value.
 SWEEP_LEVEL_SECTIONS = ("tune.", "tracking.", "ray.")
-# Config values that are paths: made absolute before trials start (Tune runs trials in their own
-# working directories; a resumed sweep may be started from another directory).
-PATH_KEYS = ("data.root", "data.pseudo_labels", "tracking.runs_dir", "model.init_2d", "model.init_3d",
-             "tune.stage1_dir")
 # MLflow tags of sweep runs.
 TAG_SWEEP = "rayseg.sweep"
 TAG_ROLE = "rayseg.sweep_role"
@@ -73,7 +62,6 @@ TAG_GRID_KEYS = "rayseg.grid_keys"
 TAG_TRIAL = "rayseg.trial_index"
 TAG_POINT = "rayseg.grid_point"
 TAG_SUPERSEDED = "rayseg.superseded"
-TAG_STAGE1_RUN = "rayseg.stage1_run"  # a trial branched from a shared stage cmg: that stage's run
 
 
 class SweepError(ValueError):
@@ -111,18 +99,6 @@ def trial_dir_name(index: int, point: dict[str, Any]) -> str:
     values = "-".join(Path(v).stem if isinstance(v, str) and "/" in v else str(v) for v in point.values())
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", values).strip("-")[:60]
     return f"t{index:03d}" + (f"-{slug}" if slug else "")
-
-
-def _absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
-    """values with every PATH_KEYS entry that is a relative path made absolute (from the cwd,
-    as every rayseg command reads them)."""
-    out = dict(values)
-    for key in PATH_KEYS:
-        value = out.get(key)
-        if not isinstance(value, str) or not value or (key == "model.init_2d" and value in ("imagenet", "none")):
-            continue
-        out[key] = str(Path(value).expanduser().resolve())
-    return out
 
 
 def _sweep_dirs(runs_dir: Path, config_name: str) -> list[Path]:
@@ -176,8 +152,8 @@ def prepare_sweep(path: str | Path, overrides: list[str] = (), name: str | None 
         if sweep_dir.exists():
             raise SweepError(f"sweep directory {sweep_dir} already exists: pass --resume to continue it, "
                              f"or another --name")
-        points = [_absolute_paths(p) for p in cfgmod.grid_points(exp)]
-        base = _absolute_paths(cfgmod.flatten(cfgmod.to_dict(exp.config)))
+        points = [cfgmod.absolute_paths(p) for p in cfgmod.grid_points(exp)]
+        base = cfgmod.absolute_paths(cfgmod.flatten(cfgmod.to_dict(exp.config)))
         exp = cfgmod.Experiment(config=cfgmod.build(base, exp.sources), grid=exp.grid, sources=exp.sources,
                                 path=exp.path)
     sweep = Sweep(name=sweep_name, file=str(Path(exp.path).resolve()) if exp.path else "", experiment=exp,
@@ -464,7 +440,7 @@ def run_trial(config: dict, sweep: dict) -> None:
         if shared is not None:  # the trial's stage cmg is the shared run's (under the trial that trained it)
             stage1_run = (tracking.read_record(shared).get("stage_runs") or {}).get("cmg")
             if stage1_run:
-                tracking.client_for(cfg).set_tag(child_run, TAG_STAGE1_RUN, stage1_run)
+                tracking.client_for(cfg).set_tag(child_run, launch.TAG_STAGE1_RUN, stage1_run)
         launch.fit(cfg, trial_dir, stages, parent_run_id=child_run, callbacks=[TuneReportCallback()])
         t_train = time.time() - t0
         progress = _load_state(latest_checkpoint(trial_dir))["progress"]
@@ -485,34 +461,6 @@ def run_trial(config: dict, sweep: dict) -> None:
     tune.report(final)
 
 
-def stage1_key(cfg: cfgmod.Config) -> str:
-    """A digest of every setting that acts in stage cmg (all but AFTER_STAGE1_KEYS/_PREFIXES)."""
-    import hashlib
-
-    flat = cfgmod.flatten(cfgmod.to_dict(cfg))
-    acting = {k: v for k, v in flat.items()
-              if k not in AFTER_STAGE1_KEYS and not k.startswith(AFTER_STAGE1_PREFIXES)}
-    return hashlib.sha256(json.dumps(acting, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """dst = src with hard links (a copy where links are impossible), via a temp dir + rename."""
-    import shutil
-
-    tmp = dst.parent / f".tmp-{dst.name}-{uuid.uuid4().hex[:6]}"
-    shutil.copytree(src, tmp, copy_function=_link_or_copy)
-    os.replace(tmp, dst)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    import shutil
-
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def branch_from_shared_stage1(cfg: cfgmod.Config, sweep_dir: Path, trial_dir: Path,
                               parent_run_id: str | None) -> Path | None:
     """Give a fresh trial stage cmg's last checkpoint from <sweep>/stage1/<key>/ (or
@@ -524,7 +472,7 @@ def branch_from_shared_stage1(cfg: cfgmod.Config, sweep_dir: Path, trial_dir: Pa
     import fcntl
 
     from rayseg.train import launch
-    from rayseg.train.checkpoint import latest_checkpoint
+    from rayseg.train.checkpoint import latest_checkpoint, link_tree
 
     if not cfg.tune.share_stage1 or cfg.tune.asha or not cfg.optim.cmg_epochs or latest_checkpoint(trial_dir):
         return None
@@ -546,7 +494,7 @@ def branch_from_shared_stage1(cfg: cfgmod.Config, sweep_dir: Path, trial_dir: Pa
     target = trial_dir / "checkpoints" / name
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():
-        _link_tree(shared / "checkpoints" / name, target)
+        link_tree(shared / "checkpoints" / name, target)
     return shared
 
 
