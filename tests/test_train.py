@@ -78,6 +78,10 @@ def test_two_stages_pseudo_labels_segment_evaluate(tiny):
     metrics = run.data.metrics
     for key in ("loss/rpc_3d", "loss/rpc_2d", "scenes_per_s", "pseudo_3d_miou", "pseudo_2d_miou"):
         assert key in metrics, key
+    names = shards.load_manifest(cfg.data.root)["class_names"]
+    for side in ("3d", "2d"):  # what RPC taught, per class: shares of the kept rows
+        shares = [metrics[f"rpc_{side}_targets/{n}"] for n in names]
+        assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0.0
     metrics = cmg_metrics
     train_tags = np.stack([shards.read_scene(p, ["tags"])["tags"] for p in shards.scene_paths(cfg.data.root, "train")])
     assert metrics["cls_prior_loss"] == pytest.approx(L.tag_prior_loss(torch.from_numpy(train_tags)), rel=1e-6)
@@ -94,7 +98,6 @@ def test_two_stages_pseudo_labels_segment_evaluate(tiny):
     out = tmp / "pl"
     summary = make_pseudo_labels(run_dir, out)
     assert summary["labelled"] == 4
-    names = shards.load_manifest(cfg.data.root)["class_names"]
     for path in shards.scene_paths(cfg.data.root, "train"):
         scene = shards.read_scene(path, ["scene_id", "coord", "tags"])
         pl = read_pseudo(pseudo_path(out, "train", scene["scene_id"]), scene["scene_id"], len(scene["coord"]))
@@ -209,6 +212,20 @@ def test_branch_from_a_finished_stage_cmg(tiny, tmp_path):
     unfinished = launch.new_run_dir(cfg, "train")
     with pytest.raises(cfgmod.ConfigError, match="no checkpoint at the end of its stage cmg"):
         launch.train(cfg, branch_from=str(unfinished))
+
+
+def test_rpc_warns_of_tagged_classes_it_never_teaches(tiny, capsys):
+    from rayseg.train.loop import log_rpc_targets
+    from rayseg.train.tracking import Tracker
+
+    cfg, _ = tiny
+    names = ("wall", "floor", "curtain", "bathtub")
+    taught = {"3d": torch.tensor([70, 30, 0, 0]), "2d": torch.tensor([5, 5, 5, 5])}
+    tagged = torch.tensor([8, 8, 3, 0])  # bathtub untagged: not RPC's to teach
+    log_rpc_targets(taught, tagged, names, Tracker(cfg, "x", enabled=False), 10, 0, "cmg_rpc epoch 2")
+    out = capsys.readouterr().out
+    assert "cmg_rpc epoch 2: RPC 3D taught no row as curtain (3 scenes)" in out
+    assert "bathtub" not in out and "RPC 2D" not in out
 
 
 def _ddp_worker(config: dict) -> None:

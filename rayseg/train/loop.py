@@ -576,6 +576,9 @@ def train_func(loop_config: dict) -> None:
             stage_t0, stage_step0 = time.time(), progress.stage_step
             while progress.epoch < epochs:
                 t0, scenes, sums, data_wait = time.time(), 0, {}, [0.0]
+                # RPC's targets per class this epoch, and how many trained scenes tagged each class:
+                # a tagged class RPC never teaches is on its way out of the pseudo-labels (no GT needed)
+                taught, tagged = {}, torch.zeros(num_classes, dtype=torch.long)
                 last_print = t0
                 student.train()
                 for loop_i in range(cfg.optim.loops_per_epoch):
@@ -604,7 +607,11 @@ def train_func(loop_config: dict) -> None:
                             ema_update(teacher, student, decay_at(cfg.loss.rpc.ema_decay, progress.step,
                                                                   cfg.loss.rpc.ema_ramp))
                         for side, counts in accepted.items():
-                            thresholds[side].update(M.all_reduce_sum(counts.cpu()))
+                            counts = M.all_reduce_sum(counts.cpu())
+                            thresholds[side].update(counts)
+                            taught[side] = taught.get(side, 0) + counts
+                        if accepted:
+                            tagged += (b["teacher_tags"] > 0).sum(0).long().cpu()
                         progress.step += 1
                         progress.stage_step += 1
                         scenes += len(batch["scene_id"])
@@ -655,6 +662,9 @@ def train_func(loop_config: dict) -> None:
                                     "student": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
                                     "teacher": {k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()}}
                 tracker.log_metrics(epoch_metrics(stage, summary, progress.epoch + 1), progress.step)
+                if taught:
+                    log_rpc_targets(taught, M.all_reduce_sum(tagged), class_names, tracker, progress.step,
+                                    rank, f"{stage} epoch {progress.epoch + 1}")
                 progress.epoch += 1
                 progress.history.append({"stage": stage, "epoch": progress.epoch, **report})
                 if rank == 0:
@@ -680,6 +690,24 @@ def train_func(loop_config: dict) -> None:
         if tracker is not None:
             tracker.end("FAILED")
         raise
+
+
+def log_rpc_targets(taught: dict[str, torch.Tensor], tagged: torch.Tensor, class_names: tuple[str, ...],
+                    tracker, step: int, rank: int, when: str) -> None:
+    """Per side, each class's share of the rows RPC trained towards this epoch
+    (`rpc_<side>_targets/<class>`), and a printed warning naming the classes that trained scenes
+    tagged but RPC taught no row: self-training is removing them from the pseudo-labels. Uses
+    the teacher's labels and the scene tags only (no ground truth)."""
+    for side, counts in taught.items():
+        total = max(1, int(counts.sum()))
+        tracker.log_metrics({f"rpc_{side}_targets/{name}": int(counts[i]) / total
+                             for i, name in enumerate(class_names)}, step)
+        untaught = [f"{class_names[i]} ({int(tagged[i])} scenes)" for i in range(len(class_names))
+                    if tagged[i] > 0 and counts[i] == 0]
+        if untaught and rank == 0:
+            print(f"[rayseg] {when}: RPC {side.upper()} taught no row as " + ", ".join(untaught)
+                  + ": tagged, but the teacher labels none of their rows confidently; RPC is training them "
+                  "out of the pseudo-labels (per-class shares: MLflow rpc_" + side + "_targets/*)", flush=True)
 
 
 def _gather_generator_states(generator: torch.Generator, world: int) -> list[torch.Tensor]:
