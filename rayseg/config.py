@@ -379,6 +379,11 @@ class RPCConfig:
     3.6 pseudo-label mIoU beside the student's 14.7 (synthetic, measured)."""
     warmup_steps: int = 2400
     """Linear warm-up of beta over the first steps of stage cmg_rpc."""
+    student_classes: Literal["all", "tagged"] = "all"
+    """Classes of the student's softmax in the RPC cross-entropy. 'all': the reference's (every
+    class; untagged classes are pushed down at every row, on top of Lcls). 'tagged': only the
+    row's scene-tagged classes, like the teacher's masked softmax, so RPC only decides between
+    classes the scene has."""
     teacher_bn: Literal["eval", "batch_first_epoch"] = "eval"
     """BatchNorm mode of the EMA teacher. 'eval': running statistics always. 'batch_first_epoch':
     the reference's behaviour, where the teacher is built in train mode and only its first

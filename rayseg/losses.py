@@ -295,12 +295,19 @@ def accepted_counts(label: torch.Tensor, mask: torch.Tensor, num_classes: int) -
     return torch.bincount(label[mask], minlength=num_classes).long()
 
 
-def rpc_loss(student_logits: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def rpc_loss(student_logits: torch.Tensor, label: torch.Tensor, mask: torch.Tensor,
+             row_tags: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 8: cross-entropy of the student's logits (N, C) against the pseudo-labels, times the
-    mask, averaged over ALL N rows (masked-out rows count in the denominator)."""
+    mask, averaged over ALL N rows (masked-out rows count in the denominator). With `row_tags`
+    (N, C) the softmax runs over each row's tagged classes only, like the teacher's (the
+    reference's CE is over all C classes: `loss.rpc.student_classes`)."""
     if student_logits.shape[0] == 0:
         return student_logits.sum() * 0.0
-    ce = F.cross_entropy(student_logits.float(), label, reduction="none")
+    logits = student_logits.float()
+    if row_tags is not None:  # the target's own class always counts (the teacher's tags may be a subset's)
+        allowed = (row_tags > 0.5) | F.one_hot(label, logits.shape[1]).bool()
+        logits = torch.where(allowed, logits, torch.full_like(logits, ABSENT_LOGIT))
+    ce = F.cross_entropy(logits, label, reduction="none")
     return (ce * mask.to(ce.dtype)).sum() / student_logits.shape[0]
 
 

@@ -204,6 +204,24 @@ def test_rpc_loss_averages_over_all_points():
     assert logits.grad[0].abs().sum() > 0
 
 
+def test_rpc_loss_over_tagged_classes_only():
+    """loss.rpc.student_classes = 'tagged': the softmax runs over the row's tagged classes (and the
+    target's), so untagged classes get no gradient from RPC."""
+    logits = torch.tensor([[2.0, 0.0, 5.0], [0.0, 1.0, 4.0]], requires_grad=True)
+    label = torch.tensor([0, 2])
+    tags = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])  # row 1's target class 2 is not tagged
+    loss = losses.rpc_loss(logits, label, torch.tensor([True, True]), tags)
+
+    def ce(row, c):
+        return math.log(sum(math.exp(v) for v in row)) - row[c]
+
+    assert loss.item() == pytest.approx((ce([2.0, 0.0], 0) + ce([0.0, 1.0, 4.0], 2)) / 2, rel=1e-6)
+    loss.backward()
+    assert logits.grad[0, 2] == 0 and logits.grad[0, 1] != 0
+    full = losses.rpc_loss(logits.detach(), label, torch.tensor([True, True]))
+    assert full.item() > loss.item()  # the untagged class 2 of row 0 costs the 'all' variant
+
+
 def test_rpc_teacher_gets_no_gradient():
     teacher = torch.randn(6, 3, requires_grad=True)
     student = torch.randn(6, 3, requires_grad=True)

@@ -258,7 +258,8 @@ def two_branch_step(model, teacher, b: dict, cfg: cfgmod.Config, stage: str, sta
             row_tags = L.gather_tags(b["teacher_tags"], b["teacher_point_offset"])[first]
             label, mask = L.rpc_targets(t3["logits"][b["teacher_inverse"][first]], row_tags, b["teacher_region"][first],
                                         thresholds["3d"].thresholds(), lc.rpc.mode)
-            terms["rpc_3d"] = L.rpc_loss(out3["logits"], label, mask)
+            student_tags = L.gather_tags(b["tags"], b["offset"]) if lc.rpc.student_classes == "tagged" else None
+            terms["rpc_3d"] = L.rpc_loss(out3["logits"], label, mask, student_tags)
             accepted["3d"] = L.accepted_counts(label, mask, out3["logits"].shape[1])
         if "rpc_2d" in active:
             with torch.no_grad():
@@ -268,7 +269,8 @@ def two_branch_step(model, teacher, b: dict, cfg: cfgmod.Config, stage: str, sta
             label, mask = L.rpc_targets(pixel_rows(t2["logits"]), row_tags, b["teacher_view_region"].reshape(-1),
                                         thresholds["2d"].thresholds(), lc.rpc.mode)
             mask &= b["view_valid"].reshape(-1)  # removed structures: their tags are cleared
-            terms["rpc_2d"] = L.rpc_loss(pixel_rows(out2["logits"]), label, mask)
+            terms["rpc_2d"] = L.rpc_loss(pixel_rows(out2["logits"]), label, mask,
+                                         row_tags if lc.rpc.student_classes == "tagged" else None)
             accepted["2d"] = L.accepted_counts(label, mask, out3["logits"].shape[1])
 
     loss, log = L.total_loss(terms, lc, stage, stage_step, has_2d)

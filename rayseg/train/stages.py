@@ -15,7 +15,8 @@ from rayseg import config as cfgmod
 # loss.rpc.mode (the stage-cmg monitor pools with it), optim.cmg_rpc_init (decided by stage cmg).
 AFTER_STAGE1_KEYS = frozenset({
     "optim.cmg_rpc_epochs", "optim.cmg_rpc_lr", "loss.rpc.enabled_3d", "loss.rpc.enabled_2d", "loss.rpc.beta",
-    "loss.rpc.eta", "loss.rpc.threshold", "loss.rpc.warmup_steps", "loss.rpc.teacher_bn", "data.pseudo_labels",
+    "loss.rpc.eta", "loss.rpc.threshold", "loss.rpc.warmup_steps", "loss.rpc.teacher_bn", "loss.rpc.student_classes",
+    "data.pseudo_labels",
     "name"})
 AFTER_STAGE1_PREFIXES = ("optim.seg_", "tune.", "tracking.")
 
