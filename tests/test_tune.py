@@ -343,10 +343,12 @@ def test_stage1_key_ignores_only_later_settings():
     cfg = cfgmod.Config()
     key = tune.stage1_key(cfg)
     for later in ({"loss.rpc.eta": 0.3}, {"loss.rpc.threshold": "fixed"}, {"optim.cmg_rpc_lr": 0.01},
-                  {"optim.seg_epochs": 3}, {"tune.with_seg": True}, {"name": "other"}):
+                  {"optim.seg_epochs": 3}, {"tune.with_seg": True}, {"name": "other"},
+                  {"loss.rpc.student_classes": "tagged"}, {"ray.num_workers": 1}, {"ray.data_task_cpus": 0.25}):
         assert tune.stage1_key(cfgmod.replace(cfg, **later)) == key, later
     for acting in ({"loss.rpc.ema_decay": 0.99}, {"loss.rpc.mode": "point"}, {"optim.cmg_lr": 0.05},
-                   {"loss.guidance.loss_3d": "none"}, {"seed": 1}, {"optim.cmg_rpc_init": "best_val"}):
+                   {"loss.guidance.loss_3d": "none"}, {"seed": 1}, {"optim.cmg_rpc_init": "best_val"},
+                   {"ray.num_workers": 2}):
         assert tune.stage1_key(cfgmod.replace(cfg, **acting)) != key, acting
 
 

@@ -34,9 +34,13 @@ def stage_config(cfg: cfgmod.Config, stage: str) -> cfgmod.Config:
 
 def stage1_settings(cfg: cfgmod.Config) -> dict:
     """Every flat setting that acts in stage cmg (all but AFTER_STAGE1_KEYS/_PREFIXES), paths
-    made absolute."""
+    made absolute. Of the Ray resources only the number of training processes counts (it sets the
+    per-rank batch and the data split): 0 workers (local mode) and 1 are the same computation."""
     flat = cfgmod.absolute_paths(cfgmod.flatten(cfgmod.to_dict(cfg)))
-    return {k: v for k, v in flat.items() if k not in AFTER_STAGE1_KEYS and not k.startswith(AFTER_STAGE1_PREFIXES)}
+    acting = {k: v for k, v in flat.items()
+              if k not in AFTER_STAGE1_KEYS and not k.startswith(AFTER_STAGE1_PREFIXES + ("ray.",))}
+    acting["training_processes"] = max(1, cfg.ray.num_workers)
+    return acting
 
 
 def stage1_key(cfg: cfgmod.Config) -> str:
