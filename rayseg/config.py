@@ -506,8 +506,9 @@ class TrackingConfig:
     """Directory for run outputs (checkpoints, pseudo-labels, the default sqlite store)."""
     keep_checkpoints: int = 2
     """Newest epoch checkpoints kept per run (and by Ray Train); older ones are deleted once a
-    newer one is complete. Each holds student, teacher and optimizer state (~340 MB with the
-    demo's networks, GBs with ResNet-50), so keeping every epoch fills disks. 0 = keep all."""
+    newer one is complete; the last of each finished stage stays too (stage cmg's last is where
+    `rayseg train --from` branches). Each holds student, teacher and optimizer state (~340 MB with
+    the demo's networks, GBs with ResNet-50), so keeping every epoch fills disks. 0 = keep all."""
     system_metrics: bool = True
     """Log CPU / memory / disk / network (GPU where pynvml finds one) of rank 0 into each stage
     run (MLflow's "System metrics" tab)."""

@@ -308,6 +308,10 @@ def test_old_checkpoints_are_pruned_and_partial_ones_ignored(tmp_path):
     assert torch.load(latest_checkpoint(tmp_path), weights_only=False)["w"].tolist() == [3.0, 3.0]
     save_checkpoint(tmp_path, {"w": torch.zeros(2)}, Progress(step=4, epoch=4), "cmg", keep=0)  # 0 = keep all
     assert len(checkpoints(tmp_path)) == 3
+    for step in (5, 6, 7):  # the next stage: stage cmg's last checkpoint stays (where --from branches)
+        save_checkpoint(tmp_path, {"w": torch.zeros(2)}, Progress(step=step, epoch=step - 4), "cmg_rpc", keep=2)
+    assert [p.parent.name for p in checkpoints(tmp_path)] == [
+        "000000004-cmg-e0004", "000000006-cmg_rpc-e0002", "000000007-cmg_rpc-e0003"]
 
 
 def test_resume_takes_the_most_advanced_checkpoint_that_loads(tmp_path, capsys):

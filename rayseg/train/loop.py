@@ -356,10 +356,15 @@ class Progress:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (keep 0 = delete none)."""
+    """Delete all but the newest `keep` complete checkpoints (keep 0 = delete none) and the last
+    one of each earlier stage: stage cmg's last is where `rayseg train --from` branches."""
     if keep > 0:
-        for old in checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old.parent, ignore_errors=True)
+        found = checkpoints(run_dir)
+        stage_of = [p.parent.name.split("-")[1] for p in found]
+        stage_ends = {p for i, p in enumerate(found[:-1]) if stage_of[i] != stage_of[i + 1]}
+        for old in found[:-keep]:
+            if old not in stage_ends:
+                shutil.rmtree(old.parent, ignore_errors=True)
 
 
 def resume_state(ray_file: Path | None, run_dir: Path, device: torch.device | str = "cpu",
