@@ -380,7 +380,7 @@ def test_sweep_mlflow_parent_and_children(swept):
         # it; every trial names that run in a tag
         assert sorted(stages) in (["cmg", "cmg_rpc", "pseudo_label"], ["cmg_rpc", "pseudo_label"]), sorted(stages)
         assert len(_children(client, child.info.run_id)) == len(stages)  # no empty or duplicate stage runs
-        stage1 = client.get_run(child.data.tags[tune.TAG_STAGE1_RUN])
+        stage1 = client.get_run(child.data.tags[launch.TAG_STAGE1_RUN])
         assert stage1.info.run_name == "cmg" and "loss" in stage1.data.metrics
         assert {"loss", "pseudo_3d_miou", "stage"} <= set(stages["cmg_rpc"].data.metrics)
         assert "pseudo_final_3d_miou" in stages["pseudo_label"].data.metrics
