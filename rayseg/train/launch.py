@@ -167,8 +167,8 @@ def stage_cmg_checkpoint(run_dir: Path, cfg: cfgmod.Config) -> Path:
         have = ", ".join(p.parent.name for p in checkpoints(run_dir)) or "none"
         raise cfgmod.ConfigError(
             f"{run_dir}: no checkpoint at the end of its stage cmg (epoch {cfg.optim.cmg_epochs}; it has: {have}). "
-            "Finish that stage first (`rayseg train --resume RUN_DIR`), or keep its checkpoints "
-            "(tracking.keep_checkpoints = 0) so the stage's last one is not pruned.")
+            "Finish that stage first (`rayseg train --resume RUN_DIR`); runs from before rayseg kept "
+            "each stage's last checkpoint may have pruned it (tracking.keep_checkpoints).")
     return found[-1]
 
 
@@ -177,6 +177,7 @@ def branch_run(cfg: cfgmod.Config, source: str | Path) -> tuple[Path, dict[str, 
     stage cmg (its checkpoint hard-linked, not copied): the same as training cfg from scratch
     when every setting that acts in stage cmg is equal (stages.stage1_differences), which is
     checked. Returns (run directory, MLflow tags naming the source)."""
+    from rayseg.atomic import write_bytes
     from rayseg.train import tracking
     from rayseg.train.checkpoint import link_tree
     from rayseg.train.stages import stage1_differences
@@ -191,14 +192,14 @@ def branch_run(cfg: cfgmod.Config, source: str | Path) -> tuple[Path, dict[str, 
             f"--from {source}: its stage cmg was trained with other settings than this config's, so "
             f"branching would not be the run this config describes: {listed}{more}. Only settings that "
             "act after stage cmg (optim.cmg_rpc_*, loss.rpc.enabled_*/beta/eta/threshold/warmup_steps/"
-            "teacher_bn, optim.seg_*, name, tracking.*, tune.*) may differ.")
+            "teacher_bn/student_classes, optim.seg_*, name, tracking.*, tune.*, Ray resources) may differ.")
     checkpoint = stage_cmg_checkpoint(source, source_cfg)
     run_dir = new_run_dir(cfg, "train")
     (run_dir / "checkpoints").mkdir()
     link_tree(checkpoint, run_dir / "checkpoints" / checkpoint.name)
     stage1_run = (tracking.read_record(source).get("stage_runs") or {}).get("cmg")
     record = {"source_run": str(source), "checkpoint": str(checkpoint), "stage1_mlflow_run": stage1_run}
-    (run_dir / BRANCH_FILE).write_text(json.dumps(record, indent=2))
+    write_bytes(run_dir / BRANCH_FILE, json.dumps(record, indent=2).encode())
     print(f"[rayseg] {run_dir.name} starts at stage cmg_rpc from {checkpoint}", flush=True)
     tags = {TAG_BRANCHED_FROM: str(checkpoint)}
     if stage1_run:
