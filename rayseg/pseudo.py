@@ -51,6 +51,7 @@ def labelling_identity(run_dir: Path, ckpt: Path, cfg: cfgmod.Config, split: str
     ``source`` is their short hash (the run directory and checkpoint path are kept for people,
     not hashed: a copied run gives the same labels)."""
     from rayseg.data import shards
+    from rayseg.train.checkpoint import parse_checkpoint_name
 
     flat = cfgmod.flatten(cfgmod.to_dict(cfg))
     settings = {
@@ -59,11 +60,11 @@ def labelling_identity(run_dir: Path, ckpt: Path, cfg: cfgmod.Config, split: str
         "mode": cfg.loss.rpc.mode, "model": {k: v for k, v in sorted(flat.items()) if k.startswith("model.")},
     }
     digest = shards.sha256_file(ckpt)
-    step = ckpt.parent.name.split("-")[0]
+    parsed = parse_checkpoint_name(ckpt.parent.name)
     source = hashlib.sha256(json.dumps({"checkpoint_sha256": digest, "settings": settings},
                                        sort_keys=True).encode()).hexdigest()[:16]
     return {"source": source, "run_dir": str(run_dir),
-            "checkpoint": {"path": str(ckpt), "sha256": digest, "step": int(step) if step.isdigit() else None},
+            "checkpoint": {"path": str(ckpt), "sha256": digest, "step": parsed[0] if parsed else None},
             "settings": settings}
 
 

@@ -312,6 +312,10 @@ def test_old_checkpoints_are_pruned_and_partial_ones_ignored(tmp_path):
         save_checkpoint(tmp_path, {"w": torch.zeros(2)}, Progress(step=step, epoch=step - 4), "cmg_rpc", keep=2)
     assert [p.parent.name for p in checkpoints(tmp_path)] == [
         "000000004-cmg-e0004", "000000006-cmg_rpc-e0002", "000000007-cmg_rpc-e0003"]
+    from rayseg.train.checkpoint import parse_checkpoint_name
+
+    assert parse_checkpoint_name("000000006-cmg_rpc-e0002") == (6, "cmg_rpc", 2)
+    assert parse_checkpoint_name(".tmp-killed") is None and launch.checkpoint_step(tmp_path / "x" / "state.pt") == 0
 
 
 def test_resume_takes_the_most_advanced_checkpoint_that_loads(tmp_path, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +23,18 @@ CHECKPOINT_FILE = "state.pt"
 
 class UnsafeCheckpointError(ValueError):
     """The file holds objects a rayseg checkpoint never holds (it would run code to load)."""
+
+
+def checkpoint_dir_name(step: int, stage: str, epoch: int) -> str:
+    """The folder of one checkpoint in <run>/checkpoints/: <step>-<stage>-e<epoch>, zero-padded so
+    that names sort by step."""
+    return f"{step:09d}-{stage}-e{epoch:04d}"
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, str, int] | None:
+    """(step, stage, epoch) of a checkpoint_dir_name, or None for any other name."""
+    match = re.fullmatch(r"(\d+)-([a-z_]+)-e(\d+)", name)
+    return (int(match[1]), match[2], int(match[3])) if match else None
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

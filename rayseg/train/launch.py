@@ -159,10 +159,10 @@ TAG_STAGE1_RUN = "rayseg.stage1_run"  # its stage cmg's MLflow run (the source r
 
 def stage_cmg_checkpoint(run_dir: Path, cfg: cfgmod.Config) -> Path:
     """The checkpoint directory a run wrote at the end of its stage cmg (<step>-cmg-e<epochs>)."""
-    from rayseg.train.checkpoint import checkpoints
+    from rayseg.train.checkpoint import checkpoints, parse_checkpoint_name
 
-    last = f"-cmg-e{cfg.optim.cmg_epochs:04d}"
-    found = [p.parent for p in checkpoints(run_dir) if p.parent.name.endswith(last)]
+    found = [p.parent for p in checkpoints(run_dir)
+             if (parse_checkpoint_name(p.parent.name) or (0, "", 0))[1:] == ("cmg", cfg.optim.cmg_epochs)]
     if not cfg.optim.cmg_epochs or not found:
         have = ", ".join(p.parent.name for p in checkpoints(run_dir)) or "none"
         raise cfgmod.ConfigError(
@@ -229,8 +229,10 @@ def pipeline_run(cfg: cfgmod.Config, run_dir: Path, kind: str, parent_run_id: st
 
 def checkpoint_step(path: str | Path) -> int:
     """The global step of a checkpoint, from its folder name (<step>-<stage>-e<epoch>)."""
-    head = Path(path).parent.name.split("-", 1)[0]
-    return int(head) if head.isdigit() else 0
+    from rayseg.train.checkpoint import parse_checkpoint_name
+
+    parsed = parse_checkpoint_name(Path(path).parent.name)
+    return parsed[0] if parsed else 0
 
 
 def log_run_model(cfg: cfgmod.Config, run_dir: Path, name: str) -> str | None:

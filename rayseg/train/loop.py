@@ -42,8 +42,9 @@ from rayseg.data.scene import IGNORE_LABEL
 from rayseg.oracle import is_oracle_folder
 from rayseg.partition import is_oracle
 from rayseg.teacher import decay_at, ema_update, make_teacher, unwrap
-from rayseg.train.checkpoint import (CHECKPOINT_FILE, UnsafeCheckpointError, checkpoints, load_state,
-                                     ray_checkpoint_file, remove_partial_ray_copies)
+from rayseg.train.checkpoint import (CHECKPOINT_FILE, UnsafeCheckpointError, checkpoint_dir_name, checkpoints,
+                                     load_state, parse_checkpoint_name, ray_checkpoint_file,
+                                     remove_partial_ray_copies)
 from rayseg.train.checkpoint import latest_checkpoint  # noqa: F401 - still importable from here
 from rayseg.train.device import to_device
 from rayseg.train.stages import stage_config
@@ -360,7 +361,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     one of each earlier stage: stage cmg's last is where `rayseg train --from` branches."""
     if keep > 0:
         found = checkpoints(run_dir)
-        stage_of = [p.parent.name.split("-")[1] for p in found]
+        stage_of = [(parse_checkpoint_name(p.parent.name) or (0, "", 0))[1] for p in found]
         stage_ends = {p for i, p in enumerate(found[:-1]) if stage_of[i] != stage_of[i + 1]}
         for old in found[:-keep]:
             if old not in stage_ends:
@@ -403,7 +404,7 @@ def resume_state(ray_file: Path | None, run_dir: Path, device: torch.device | st
 def save_checkpoint(run_dir: Path, state: dict, progress: Progress, stage: str, keep: int = 0) -> Path:
     """Rank 0 writes checkpoints/<step>/state.pt atomically (temp dir + rename), then deletes
     all but the newest `keep` (0 = none deleted)."""
-    final = run_dir / "checkpoints" / f"{progress.step:09d}-{stage}-e{progress.epoch:04d}"
+    final = run_dir / "checkpoints" / checkpoint_dir_name(progress.step, stage, progress.epoch)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
     torch.save({**state, "progress": progress.__dict__}, tmp / CHECKPOINT_FILE)
