@@ -56,9 +56,12 @@ def cmd_prepare_synthetic(args: argparse.Namespace) -> int:
         if not (width.isdigit() and height.isdigit()):
             raise cfgmod.ConfigError(f"--image-size: expected WxH such as 320x240, got {args.image_size!r}")
         overrides += [f"synthetic.image_width={width}", f"synthetic.image_height={height}"]
-    cfg = cfgmod.load(args.config, overrides).config.synthetic
+    config = cfgmod.load(args.config, overrides).config
+    if args.out is None and args.config is None:
+        raise cfgmod.ConfigError("prepare synthetic: give --out DIR, or a config whose data.root is the folder")
+    out = args.out if args.out is not None else config.data.root  # the folder the config trains on
     try:
-        summary = prepare.prepare_synthetic(cfg, args.out, num_cpus_per_task=args.num_cpus_per_task)
+        summary = prepare.prepare_synthetic(config.synthetic, out, num_cpus_per_task=args.num_cpus_per_task)
     except ValueError as exc:  # e.g. the folder holds scenes made with other settings
         print(f"prepare synthetic: {exc}", file=sys.stderr)
         return 2
@@ -421,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare_sub = p.add_subparsers(dest="prepare_command", required=True)
     ps = prepare_sub.add_parser("synthetic", help="generate procedural RGB-D indoor scenes")
     _add_config_args(ps, required=False)
-    ps.add_argument("--out", required=True, help="output dataset folder")
+    ps.add_argument("--out", default=None, help="output dataset folder (default: the config's data.root)")
     ps.add_argument("--scenes", type=int, default=None, help="number of scenes (default 64)")
     ps.add_argument("--views", type=int, default=None, help="views per scene (default 8)")
     ps.add_argument("--seed", type=int, default=None, help="generator seed (default 0)")
@@ -449,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder(s) holding <scene>/ directories, e.g. scans scans_test")
     ps.add_argument("--splits", required=True, metavar="DIR",
                     help="folder with scannetv2_train.txt / _val.txt / _test.txt")
-    ps.add_argument("--out", required=True, help="output dataset folder")
+    ps.add_argument("--out", default=None, help="output dataset folder (default: the config's data.root)")
     ps.add_argument("--frame-skip", type=int, default=20, help="keep every k-th frame (default 20)")
     ps.add_argument("--image-size", type=_wh, default=(320, 240), metavar="WxH",
                     help="view size (default 320x240)")
@@ -463,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Stanford3dDataset_v1.2 (recommended) or ..._Aligned_Version folder")
     ps.add_argument("--images", default=None, metavar="DIR",
                     help="2D-3D-S folder with area_N/data/{rgb,depth,pose} (omit: 3D only)")
-    ps.add_argument("--out", required=True, help="output dataset folder")
+    ps.add_argument("--out", default=None, help="output dataset folder (default: the config's data.root)")
     ps.add_argument("--angles", default=None, metavar="DIR",
                     help="folder with Area_N/Area_N_alignmentAngle.txt for an Aligned_Version copy "
                          "(default: read from --raw, else estimated from the views' depth)")

@@ -201,6 +201,15 @@ def test_prepare_synthetic_cli_writes_generator_scenes_and_resumes(tmp_path, ray
     assert cli.main(argv[:-4] + ["--image-size", "40by30"]) == 2
     assert "--image-size: expected WxH" in capsys.readouterr().err
 
+    # Without --out the folder is the config's data.root: the same folder, so nothing to redo
+    config = tmp_path / "exp.toml"
+    config.write_text(f'[data]\nroot = "{out}"\n[synthetic]\nmin_points = 1000\nmax_points = 1500\n')
+    assert cli.main(["prepare", "synthetic", str(config), "--scenes", "3", "--views", "2", "--seed", "5",
+                     "--image-size", "40x30"]) == 0
+    assert "3 scenes: 0 written, 3 skipped" in capsys.readouterr().out
+    assert cli.main(["prepare", "synthetic", "--scenes", "3"]) == 2
+    assert "give --out DIR, or a config whose data.root" in capsys.readouterr().err
+
     # A 13-class scene dropped into the folder: re-running prepare used to list it in the manifest.
     foreign = tiny_scene("Area_1_office_1")
     foreign["tags"] = foreign["tags"][:13]

@@ -481,223 +481,321 @@ def quiet_ray_train_logs() -> None:
         logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds and a resume restores. `state_dict` and `load_state_dict`
+    are the only two places that know the checkpoint's training keys, so saving and resuming
+    cannot drift apart (torchtitan's TrainState)."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    optimizer: torch.optim.SGD
+    thresholds: dict[str, L.ThresholdState]  # RPC's adaptive thresholds, per side
+    generator: torch.Generator  # this rank's pair sampling
+    progress: Progress = field(default_factory=Progress)
+    best_cmg: dict | None = None  # optim.cmg_rpc_init 'best_val' (an oracle): stage cmg's best weights on val
+
+    @classmethod
+    def fresh(cls, cfg: cfgmod.Config, num_classes: int, stage: str, device: torch.device, rank: int) -> "TrainState":
+        student, teacher = build_models(cfg, num_classes, stage)
+        student.to(device)
+        if teacher is not None:
+            teacher.to(device)
+        return cls(student, teacher, make_optimizer(student, cfg, stage),
+                   {side: L.ThresholdState.from_config(cfg.loss.rpc, num_classes) for side in ("3d", "2d")},
+                   torch.Generator().manual_seed(cfg.seed * 1000 + rank))
+
+    def state_dict(self, world: int) -> dict:
+        """Collective when world > 1 (every rank's generator state is gathered)."""
+        return {"student": self.student.state_dict(),
+                "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+                "optimizer": self.optimizer.state_dict(),
+                "thresholds": {side: ts.state_dict() for side, ts in self.thresholds.items()},
+                "generator": _gather_generator_states(self.generator, world),
+                "best_cmg": self.best_cmg,
+                "progress": self.progress.__dict__}
+
+    def load_state_dict(self, state: dict, rank: int) -> None:
+        self.student.load_state_dict(state["student"])
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for side, ts in self.thresholds.items():
+            ts.load_state_dict(state["thresholds"][side])
+        self.progress = Progress(**state["progress"])
+        self.best_cmg = state.get("best_cmg")
+        if state.get("generator") is not None:
+            generators = state["generator"]
+            self.generator.set_state(generators[rank] if rank < len(generators) else generators[0])
+
+
+@dataclass
+class Worker:
+    """What one training process knows about its run and its place in it (fixed for the run)."""
+
+    cfg: cfgmod.Config
+    run_dir: Path
+    stages: list[str]
+    loop_config: dict
+    class_names: tuple[str, ...]
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class EpochTotals:
+    """Sums over one epoch's steps, for its summary line, MLflow and RPC's target shares."""
+
+    scenes: int = 0
+    steps: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    data_wait: list[float] = field(default_factory=lambda: [0.0])  # timed_batches adds to it in place
+    # RPC's targets per class, and how many trained scenes tagged each class: a tagged class RPC
+    # never teaches is on its way out of the pseudo-labels (no GT needed)
+    taught: dict[str, torch.Tensor] = field(default_factory=dict)
+    tagged: torch.Tensor | None = None
+    last_print: float = 0.0
+
+
 def train_func(loop_config: dict) -> None:
     """Ray Train entry point. loop_config: {"config": flat dotted config, "run_dir": str,
     "stages": ["cmg", "cmg_rpc"] or ["seg"], "run_name": str, "parent_run_id": str | None}."""
     import ray.train
 
-    from rayseg.train.tracking import epoch_metrics, stage_tracker, step_metrics
-
-    cfg = cfgmod.build(loop_config["config"])
-    run_dir = Path(loop_config["run_dir"])
-    stages: list[str] = list(loop_config["stages"])
-    ctx = ray.train.get_context()
     quiet_ray_train_logs()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cpu")
-    if cfg.ray.use_gpu and torch.cuda.is_available():
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
-    manifest = shards.load_manifest(cfg.data.root)
-    class_names = tuple(manifest["class_names"])
-    num_classes = len(class_names)
-
-    student, teacher = build_models(cfg, num_classes, stages[0])
-    student.to(device)
-    if teacher is not None:
-        teacher.to(device)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = make_optimizer(student, cfg, stages[0])
-    thresholds = {side: L.ThresholdState.from_config(cfg.loss.rpc, num_classes) for side in ("3d", "2d")}
-    progress = Progress()
-    best_cmg = None  # optim.cmg_rpc_init 'best_val' (an oracle): stage cmg's best weights on val
-
-    # Resume: Ray Train's checkpoint (worker restart) or the run directory's (driver restart).
-    with ray_checkpoint_file(ray.train.get_checkpoint()) as ray_file:
-        ckpt_file, state = resume_state(ray_file, run_dir, device)
-    if rank == 0:
-        for partial in remove_partial_ray_copies(run_dir):
-            print(f"[rayseg] removed {partial}: Ray Train's copy of a checkpoint, cut short by a kill", flush=True)
-    if state is not None:
-        student.load_state_dict(state["student"])
-        if teacher is not None:
-            teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        for side, ts in thresholds.items():
-            ts.load_state_dict(state["thresholds"][side])
-        progress = Progress(**state["progress"])
-        best_cmg = state.get("best_cmg")
-        if rank == 0:
-            print(f"[rayseg] resumed from {ckpt_file} at stage {stages[progress.stage_index]} "
-                  f"epoch {progress.epoch} step {progress.step}", flush=True)
-
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    if state is not None and state.get("generator") is not None:
-        generator.set_state(state["generator"][rank] if rank < len(state["generator"]) else state["generator"][0])
-
-    # MLflow (rank 0): one child run per stage under the pipeline run, reattached on resume
-    # (tracking.stage_tracker); steps continue across stages (loop_config["step_offset"] first).
-    # Oracles: the GT partition or GT-selected stage-2 init (stages cmg/cmg_rpc); stage seg trained
-    # on an ORACLE label folder (`rayseg oracle-labels`: ground truth, the fully supervised bound).
-    oracle_labels = stages == ["seg"] and is_oracle_folder(cfg.data.pseudo_labels)
-    oracle = oracle_labels or (stages != ["seg"] and (is_oracle(cfg.data.region_column)
-                                                      or cfg.optim.cmg_rpc_init == "best_val"))
-    stage_tags = {"rayseg.region_column": cfg.data.region_column, "rayseg.oracle": str(oracle).lower()}
-    if oracle_labels:
-        from rayseg.oracle import MLFLOW_WHAT
-
-        stage_tags["rayseg.oracle_what"] = MLFLOW_WHAT
+    worker = make_worker(loop_config, ray.train.get_context())
+    state = TrainState.fresh(worker.cfg, worker.num_classes, worker.stages[0], worker.device, worker.rank)
+    resumed = restore(state, worker, ray.train.get_checkpoint())
     tracker = None
     try:
-        while progress.stage_index < len(stages):
-            stage = stages[progress.stage_index]
-            scfg = stage_config(cfg, stage)
-            tracker = stage_tracker(scfg, run_dir, stage, enabled=(rank == 0), tags=stage_tags,
-                                    parent_run_id=loop_config.get("parent_run_id"),
-                                    step_offset=loop_config.get("step_offset", 0),
-                                    create=progress.epoch < stage_schedule(cfg, stage)[0])
-            progress.mlflow_run_id = tracker.run_id or progress.mlflow_run_id
-            if state is not None:
-                tracker.skip_logged_steps()  # the steps after the checkpoint were logged before the crash
-            if rank == 0 and state is None and progress.step == 0 and stage != "seg":
-                log_tag_prior(cfg, tracker)
-            epochs, base_lr = stage_schedule(cfg, stage)
-            if progress.stage_index > 0 and progress.stage_step == 0:
-                if stage == "cmg_rpc" and best_cmg is not None:
-                    student.load_state_dict(best_cmg["student"])
-                    teacher.load_state_dict(best_cmg["teacher"])
-                    if rank == 0:
-                        print(f"[rayseg] ORACLE: stage cmg_rpc starts from stage cmg's epoch {best_cmg['epoch']}, "
-                              f"the best on val GT (3D mIoU {best_cmg['miou']:.4f})", flush=True)
-                optimizer = make_optimizer(student, cfg, stage)  # a fresh SGD per stage, as the reference
-            per_rank_batch = max(1, cfg.optim.batch_size // world)
-            n_train = len(pipeline.plan(scfg.data.root, scfg.data.train_split, scfg, "train", 0, cfg.seed).paths)
-            steps_per_loop = math.ceil((n_train // world if world > 1 else n_train) / per_rank_batch)
-            total_steps = max(1, epochs * cfg.optim.loops_per_epoch * steps_per_loop)
-
-            def data_epoch_of(epoch: int, loop_i: int) -> int:
-                return (progress.stage_index * 100_000) + epoch * cfg.optim.loops_per_epoch + loop_i
-
-            stream = train_pass_stream(scfg, [data_epoch_of(e, i) for e in range(progress.epoch, epochs)
-                                              for i in range(cfg.optim.loops_per_epoch)], rank, world, per_rank_batch)
-            stage_t0, stage_step0 = time.time(), progress.stage_step
-            while progress.epoch < epochs:
-                t0, scenes, sums, data_wait = time.time(), 0, {}, [0.0]
-                # RPC's targets per class this epoch, and how many trained scenes tagged each class:
-                # a tagged class RPC never teaches is on its way out of the pseudo-labels (no GT needed)
-                taught, tagged = {}, torch.zeros(num_classes, dtype=torch.long)
-                last_print = t0
-                student.train()
-                for loop_i in range(cfg.optim.loops_per_epoch):
-                    data_epoch = data_epoch_of(progress.epoch, loop_i)
-                    batches = stream.batches(data_epoch) if stream is not None else iter_rank_batches(
-                        scfg, scfg.data.train_split, "train", data_epoch, rank, world, per_rank_batch)
-                    for batch in timed_batches(batches, data_wait):
-                        b = to_device(batch, device)
-                        lr = poly_lr(base_lr, progress.stage_step, total_steps, cfg.optim.poly_power)
-                        for group in optimizer.param_groups:
-                            # checkpoints from before optim.lr_scale_2d_backbone hold one group, no scale
-                            group["lr"] = lr * group.get("lr_scale", 1.0)
-                        if stage == "seg":
-                            loss, log = seg_step(student, b)
-                            accepted = {}
-                        else:
-                            teacher_batch_bn = cfg.loss.rpc.teacher_bn == "batch_first_epoch" and progress.epoch == 0
-                            teacher.train(teacher_batch_bn)
-                            loss, log, accepted = two_branch_step(student, teacher, b, scfg, stage,
-                                                                  progress.stage_step, thresholds, generator, world)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        average_gradients(params, world)
-                        optimizer.step()
-                        if teacher is not None:
-                            ema_update(teacher, student, decay_at(cfg.loss.rpc.ema_decay, progress.step,
-                                                                  cfg.loss.rpc.ema_ramp))
-                        for side, counts in accepted.items():
-                            counts = M.all_reduce_sum(counts.cpu())
-                            thresholds[side].update(counts)
-                            taught[side] = taught.get(side, 0) + counts
-                        if accepted:
-                            tagged += (b["teacher_tags"] > 0).sum(0).long().cpu()
-                        progress.step += 1
-                        progress.stage_step += 1
-                        scenes += len(batch["scene_id"])
-                        for k, v in log.items():
-                            sums[k] = sums.get(k, 0.0) + v
-                        sums["_n"] = sums.get("_n", 0) + 1
-                        tracker.log_metrics(step_metrics(stage, log, lr), progress.step)
-                        if rank == 0 and time.time() - last_print > PROGRESS_SECONDS:
-                            last_print = time.time()
-                            done = progress.stage_step / total_steps
-                            per_step = (last_print - stage_t0) / max(1, progress.stage_step - stage_step0)
-                            print(f"[rayseg] {stage} epoch {progress.epoch + 1}/{epochs} step {progress.stage_step}/"
-                                  f"{total_steps} ({100 * done:.0f}%) loss={log['loss']:.4f} lr={lr:.4g} "
-                                  f"{scenes * world / max(last_print - t0, 1e-9):.2f} scenes/s, data wait "
-                                  f"{100 * data_wait[0] / max(last_print - t0, 1e-9):.0f}%, stage ETA "
-                                  f"{format_seconds(per_step * (total_steps - progress.stage_step))}", flush=True)
-                elapsed = time.time() - t0
-                n = max(1, sums.pop("_n", 1))
-                summary = {f"{stage}/epoch_{k}": v / n for k, v in sums.items()}
-                summary[f"{stage}/scenes_per_s"] = scenes * world / max(elapsed, 1e-9)
-                summary[f"{stage}/data_wait_share"] = data_wait[0] / max(elapsed, 1e-9)
-                # Monitor: pseudo-label quality of the EMA teacher (stages cmg / cmg_rpc); GT only here.
-                report = dict(summary)
-                last_epoch = progress.epoch + 1 == epochs
-                if (stage != "seg" and cfg.data.monitor_scenes
-                        and (last_epoch or (progress.epoch + 1) % cfg.data.monitor_every == 0)):
-                    conf = pseudo_label_confusion(teacher, scfg, num_classes, rank, world, device,
-                                                  cfg.data.monitor_scenes)
-                    for side, c in conf.items():
-                        if int(c.sum()):
-                            vals = tracker.log_confusion(c, class_names, f"pseudo_{side}", progress.step,
-                                                         epoch=progress.epoch + 1) \
-                                if rank == 0 else M.metrics_dict(c, class_names, prefix=f"pseudo_{side}_")
-                            report[f"pseudo_miou_{side}"] = vals[f"pseudo_{side}_miou"]
-                    if cfg.data.monitor_student:  # the student leads the EMA teacher: learning shows first here
-                        conf = pseudo_label_confusion(student, scfg, num_classes, rank, world, device,
-                                                      cfg.data.monitor_scenes)
-                        for side, c in conf.items():
-                            if int(c.sum()):
-                                vals = M.metrics_dict(c, class_names, prefix=f"student_pseudo_{side}_")
-                                tracker.log_metrics(vals, progress.step)
-                                report[f"student_pseudo_miou_{side}"] = vals[f"student_pseudo_{side}_miou"]
-                if stage == "cmg" and cfg.optim.cmg_rpc_init == "best_val":
-                    miou = val_miou_3d(teacher, scfg, class_names, rank, world, device)
-                    report["oracle_val_miou_3d"] = summary[f"{stage}/oracle_val_miou_3d"] = miou
-                    if best_cmg is None or miou > best_cmg["miou"]:
-                        best_cmg = {"miou": miou, "epoch": progress.epoch + 1,
-                                    "student": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
-                                    "teacher": {k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()}}
-                tracker.log_metrics(epoch_metrics(stage, summary, progress.epoch + 1), progress.step)
-                if taught:
-                    log_rpc_targets(taught, M.all_reduce_sum(tagged), class_names, tracker, progress.step,
-                                    rank, f"{stage} epoch {progress.epoch + 1}")
-                progress.epoch += 1
-                progress.history.append({"stage": stage, "epoch": progress.epoch, **report})
-                if rank == 0:
-                    print(f"[rayseg] {stage} epoch {progress.epoch}/{epochs} step {progress.step} "
-                          + " ".join(f"{k.removeprefix(stage + '/epoch_')}={v:.4g}" for k, v in report.items()
-                                     if "weight/" not in k), flush=True)
-                state = {"student": student.state_dict(),
-                         "teacher": teacher.state_dict() if teacher is not None else None,
-                         "optimizer": optimizer.state_dict(),
-                         "thresholds": {side: ts.state_dict() for side, ts in thresholds.items()},
-                         "generator": _gather_generator_states(generator, world),
-                         "config": loop_config["config"], "class_names": class_names, "stages": stages,
-                         "best_cmg": best_cmg}
-                _report(state, progress, stage, run_dir, rank, {**report, "step": progress.step,
-                                                                "stage": stage, "epoch": progress.epoch},
-                        cfg.tracking.keep_checkpoints)
-            progress.stage_index += 1
-            progress.epoch = 0
-            progress.stage_step = 0
+        while state.progress.stage_index < len(worker.stages):
+            stage = worker.stages[state.progress.stage_index]
+            tracker = open_stage_tracker(worker, state, stage, resumed)
+            run_stage(worker, state, stage, tracker)
+            state.progress.stage_index += 1
+            state.progress.epoch = 0
+            state.progress.stage_step = 0
             tracker.end("FINISHED")
             tracker = None
     except BaseException:
         if tracker is not None:
             tracker.end("FAILED")
         raise
+
+
+def make_worker(loop_config: dict, ctx) -> Worker:
+    cfg = cfgmod.build(loop_config["config"])
+    device = torch.device("cpu")
+    if cfg.ray.use_gpu and torch.cuda.is_available():
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    class_names = tuple(shards.load_manifest(cfg.data.root)["class_names"])
+    return Worker(cfg, Path(loop_config["run_dir"]), list(loop_config["stages"]), loop_config, class_names,
+                  ctx.get_world_rank(), ctx.get_world_size(), device)
+
+
+def restore(state: TrainState, worker: Worker, ray_checkpoint) -> bool:
+    """Resume from Ray Train's checkpoint (a worker restart) or the run directory's (a driver
+    restart), whichever is further along; False for a fresh start."""
+    with ray_checkpoint_file(ray_checkpoint) as ray_file:
+        ckpt_file, saved = resume_state(ray_file, worker.run_dir, worker.device)
+    if worker.rank == 0:
+        for partial in remove_partial_ray_copies(worker.run_dir):
+            print(f"[rayseg] removed {partial}: Ray Train's copy of a checkpoint, cut short by a kill", flush=True)
+    if saved is None:
+        return False
+    state.load_state_dict(saved, worker.rank)
+    if worker.rank == 0:
+        p = state.progress
+        print(f"[rayseg] resumed from {ckpt_file} at stage {worker.stages[p.stage_index]} "
+              f"epoch {p.epoch} step {p.step}", flush=True)
+    return True
+
+
+def open_stage_tracker(worker: Worker, state: TrainState, stage: str, resumed: bool):
+    """The stage's MLflow run (rank 0): one child run per stage under the pipeline run,
+    reattached on resume (tracking.stage_tracker); steps continue across stages
+    (loop_config["step_offset"] first). Oracles are tagged: the GT partition or the GT-selected
+    stage-2 init (stages cmg / cmg_rpc), stage seg trained on an ORACLE label folder
+    (`rayseg oracle-labels`: ground truth, the fully supervised bound)."""
+    from rayseg.train.tracking import stage_tracker
+
+    cfg, stages = worker.cfg, worker.stages
+    oracle_labels = stages == ["seg"] and is_oracle_folder(cfg.data.pseudo_labels)
+    oracle = oracle_labels or (stages != ["seg"] and (is_oracle(cfg.data.region_column)
+                                                      or cfg.optim.cmg_rpc_init == "best_val"))
+    tags = {"rayseg.region_column": cfg.data.region_column, "rayseg.oracle": str(oracle).lower()}
+    if oracle_labels:
+        from rayseg.oracle import MLFLOW_WHAT
+
+        tags["rayseg.oracle_what"] = MLFLOW_WHAT
+    tracker = stage_tracker(stage_config(cfg, stage), worker.run_dir, stage, enabled=(worker.rank == 0), tags=tags,
+                            parent_run_id=worker.loop_config.get("parent_run_id"),
+                            step_offset=worker.loop_config.get("step_offset", 0),
+                            create=state.progress.epoch < stage_schedule(cfg, stage)[0])
+    state.progress.mlflow_run_id = tracker.run_id or state.progress.mlflow_run_id
+    if resumed:
+        tracker.skip_logged_steps()  # the steps after the checkpoint were logged before the crash
+    if worker.rank == 0 and not resumed and state.progress.step == 0 and stage != "seg":
+        log_tag_prior(cfg, tracker)
+    return tracker
+
+
+def run_stage(worker: Worker, state: TrainState, stage: str, tracker) -> None:
+    """The stage's remaining epochs; each ends with the monitor, its metrics and a checkpoint."""
+    from rayseg.train.tracking import step_metrics
+
+    cfg, world, progress = worker.cfg, worker.world, state.progress
+    scfg = stage_config(cfg, stage)
+    epochs, base_lr = stage_schedule(cfg, stage)
+    if progress.stage_index > 0 and progress.stage_step == 0:
+        if stage == "cmg_rpc" and state.best_cmg is not None:
+            best = state.best_cmg
+            state.student.load_state_dict(best["student"])
+            state.teacher.load_state_dict(best["teacher"])
+            if worker.rank == 0:
+                print(f"[rayseg] ORACLE: stage cmg_rpc starts from stage cmg's epoch {best['epoch']}, "
+                      f"the best on val GT (3D mIoU {best['miou']:.4f})", flush=True)
+        state.optimizer = make_optimizer(state.student, cfg, stage)  # a fresh SGD per stage, as the reference
+    per_rank_batch = max(1, cfg.optim.batch_size // world)
+    n_train = len(pipeline.plan(scfg.data.root, scfg.data.train_split, scfg, "train", 0, cfg.seed).paths)
+    steps_per_loop = math.ceil((n_train // world if world > 1 else n_train) / per_rank_batch)
+    total_steps = max(1, epochs * cfg.optim.loops_per_epoch * steps_per_loop)
+
+    def data_epoch_of(epoch: int, loop_i: int) -> int:
+        return (progress.stage_index * 100_000) + epoch * cfg.optim.loops_per_epoch + loop_i
+
+    stream = train_pass_stream(scfg, [data_epoch_of(e, i) for e in range(progress.epoch, epochs)
+                                      for i in range(cfg.optim.loops_per_epoch)], worker.rank, world, per_rank_batch)
+    stage_clock = (time.time(), progress.stage_step)
+    while progress.epoch < epochs:
+        t0 = time.time()
+        totals = EpochTotals(tagged=torch.zeros(worker.num_classes, dtype=torch.long), last_print=t0)
+        state.student.train()
+        for loop_i in range(cfg.optim.loops_per_epoch):
+            data_epoch = data_epoch_of(progress.epoch, loop_i)
+            batches = stream.batches(data_epoch) if stream is not None else iter_rank_batches(
+                scfg, scfg.data.train_split, "train", data_epoch, worker.rank, world, per_rank_batch)
+            for batch in timed_batches(batches, totals.data_wait):
+                lr = poly_lr(base_lr, progress.stage_step, total_steps, cfg.optim.poly_power)
+                log = train_step(worker, state, scfg, stage, batch, lr, totals)
+                tracker.log_metrics(step_metrics(stage, log, lr), progress.step)
+                if worker.rank == 0 and time.time() - totals.last_print > PROGRESS_SECONDS:
+                    totals.last_print = time.time()
+                    print_progress(stage, progress, epochs, total_steps, log, lr, totals, t0, stage_clock, world)
+        end_epoch(worker, state, scfg, stage, epochs, tracker, totals, time.time() - t0)
+
+
+def train_step(worker: Worker, state: TrainState, scfg: cfgmod.Config, stage: str, batch: dict, lr: float,
+               totals: EpochTotals) -> dict[str, float]:
+    """One optimiser step of the stage at learning rate lr, then the EMA teacher and RPC's
+    thresholds; returns the step's logged values."""
+    cfg, progress = worker.cfg, state.progress
+    b = to_device(batch, worker.device)
+    for group in state.optimizer.param_groups:
+        # checkpoints from before optim.lr_scale_2d_backbone hold one group, no scale
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    if stage == "seg":
+        loss, log = seg_step(state.student, b)
+        accepted = {}
+    else:
+        state.teacher.train(cfg.loss.rpc.teacher_bn == "batch_first_epoch" and progress.epoch == 0)
+        loss, log, accepted = two_branch_step(state.student, state.teacher, b, scfg, stage, progress.stage_step,
+                                              state.thresholds, state.generator, worker.world)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients([p for p in state.student.parameters() if p.requires_grad], worker.world)
+    state.optimizer.step()
+    if state.teacher is not None:
+        ema_update(state.teacher, state.student, decay_at(cfg.loss.rpc.ema_decay, progress.step, cfg.loss.rpc.ema_ramp))
+    for side, counts in accepted.items():
+        counts = M.all_reduce_sum(counts.cpu())
+        state.thresholds[side].update(counts)
+        totals.taught[side] = totals.taught.get(side, 0) + counts
+    if accepted:
+        totals.tagged += (b["teacher_tags"] > 0).sum(0).long().cpu()
+    progress.step += 1
+    progress.stage_step += 1
+    totals.scenes += len(batch["scene_id"])
+    totals.steps += 1
+    for k, v in log.items():
+        totals.sums[k] = totals.sums.get(k, 0.0) + v
+    return log
+
+
+def print_progress(stage: str, progress: Progress, epochs: int, total_steps: int, log: dict, lr: float,
+                   totals: EpochTotals, t0: float, stage_clock: tuple[float, int], world: int) -> None:
+    now = time.time()
+    per_step = (now - stage_clock[0]) / max(1, progress.stage_step - stage_clock[1])
+    print(f"[rayseg] {stage} epoch {progress.epoch + 1}/{epochs} step {progress.stage_step}/"
+          f"{total_steps} ({100 * progress.stage_step / total_steps:.0f}%) loss={log['loss']:.4f} lr={lr:.4g} "
+          f"{totals.scenes * world / max(now - t0, 1e-9):.2f} scenes/s, data wait "
+          f"{100 * totals.data_wait[0] / max(now - t0, 1e-9):.0f}%, stage ETA "
+          f"{format_seconds(per_step * (total_steps - progress.stage_step))}", flush=True)
+
+
+def end_epoch(worker: Worker, state: TrainState, scfg: cfgmod.Config, stage: str, epochs: int, tracker,
+              totals: EpochTotals, elapsed: float) -> None:
+    """The epoch's summary and monitor (MLflow, printed line, history), then a checkpoint."""
+    from rayseg.train.tracking import epoch_metrics
+
+    cfg, progress = worker.cfg, state.progress
+    n = max(1, totals.steps)
+    summary = {f"{stage}/epoch_{k}": v / n for k, v in totals.sums.items()}
+    summary[f"{stage}/scenes_per_s"] = totals.scenes * worker.world / max(elapsed, 1e-9)
+    summary[f"{stage}/data_wait_share"] = totals.data_wait[0] / max(elapsed, 1e-9)
+    report = dict(summary)
+    last_epoch = progress.epoch + 1 == epochs
+    if (stage != "seg" and cfg.data.monitor_scenes
+            and (last_epoch or (progress.epoch + 1) % cfg.data.monitor_every == 0)):
+        report.update(monitor(worker, state, scfg, tracker))
+    if stage == "cmg" and cfg.optim.cmg_rpc_init == "best_val":
+        miou = val_miou_3d(state.teacher, scfg, worker.class_names, worker.rank, worker.world, worker.device)
+        report["oracle_val_miou_3d"] = summary[f"{stage}/oracle_val_miou_3d"] = miou
+        if state.best_cmg is None or miou > state.best_cmg["miou"]:
+            state.best_cmg = {"miou": miou, "epoch": progress.epoch + 1,
+                              "student": {k: v.detach().cpu().clone() for k, v in state.student.state_dict().items()},
+                              "teacher": {k: v.detach().cpu().clone() for k, v in state.teacher.state_dict().items()}}
+    tracker.log_metrics(epoch_metrics(stage, summary, progress.epoch + 1), progress.step)
+    if totals.taught:
+        log_rpc_targets(totals.taught, M.all_reduce_sum(totals.tagged), worker.class_names, tracker, progress.step,
+                        worker.rank, f"{stage} epoch {progress.epoch + 1}")
+    progress.epoch += 1
+    progress.history.append({"stage": stage, "epoch": progress.epoch, **report})
+    if worker.rank == 0:
+        print(f"[rayseg] {stage} epoch {progress.epoch}/{epochs} step {progress.step} "
+              + " ".join(f"{k.removeprefix(stage + '/epoch_')}={v:.4g}" for k, v in report.items()
+                         if "weight/" not in k), flush=True)
+    saved = {**state.state_dict(worker.world), "config": worker.loop_config["config"],
+             "class_names": worker.class_names, "stages": worker.stages}
+    _report(saved, progress, stage, worker.run_dir, worker.rank,
+            {**report, "step": progress.step, "stage": stage, "epoch": progress.epoch}, cfg.tracking.keep_checkpoints)
+
+
+def monitor(worker: Worker, state: TrainState, scfg: cfgmod.Config, tracker) -> dict[str, float]:
+    """Pseudo-label quality of the EMA teacher (and of the student: it leads the teacher, so
+    learning shows there first) on the monitor scenes; ground truth is read only here."""
+    cfg, progress, report = worker.cfg, state.progress, {}
+    args = (scfg, worker.num_classes, worker.rank, worker.world, worker.device, cfg.data.monitor_scenes)
+    for side, c in pseudo_label_confusion(state.teacher, *args).items():
+        if int(c.sum()):
+            vals = tracker.log_confusion(c, worker.class_names, f"pseudo_{side}", progress.step,
+                                         epoch=progress.epoch + 1) \
+                if worker.rank == 0 else M.metrics_dict(c, worker.class_names, prefix=f"pseudo_{side}_")
+            report[f"pseudo_miou_{side}"] = vals[f"pseudo_{side}_miou"]
+    if cfg.data.monitor_student:
+        for side, c in pseudo_label_confusion(state.student, *args).items():
+            if int(c.sum()):
+                vals = M.metrics_dict(c, worker.class_names, prefix=f"student_pseudo_{side}_")
+                tracker.log_metrics(vals, progress.step)
+                report[f"student_pseudo_miou_{side}"] = vals[f"student_pseudo_{side}_miou"]
+    return report
 
 
 def log_rpc_targets(taught: dict[str, torch.Tensor], tagged: torch.Tensor, class_names: tuple[str, ...],
