@@ -197,7 +197,7 @@ def branch_run(cfg: cfgmod.Config, source: str | Path) -> tuple[Path, dict[str, 
     run_dir = new_run_dir(cfg, "train")
     (run_dir / "checkpoints").mkdir()
     link_tree(checkpoint, run_dir / "checkpoints" / checkpoint.name)
-    stage1_run = (tracking.read_record(source).get("stage_runs") or {}).get("cmg")
+    stage1_run = tracking.stage_run_id(source, "cmg")
     record = {"source_run": str(source), "checkpoint": str(checkpoint), "stage1_mlflow_run": stage1_run}
     write_bytes(run_dir / BRANCH_FILE, json.dumps(record, indent=2).encode())
     print(f"[rayseg] {run_dir.name} starts at stage cmg_rpc from {checkpoint}", flush=True)
@@ -382,6 +382,6 @@ def segment(cfg: cfgmod.Config, pseudo_labels: str, resume: str | None = None,
         if oracle and parent_run_id is not None:  # stages directly under a caller's run: mark that run too
             tracking.client_for(cfg).set_tag(parent_run_id, "rayseg.oracle", "true")
         fit(cfg, run_dir, ["seg"], parent_run_id=pipeline, step_offset=offset)
-        _link_teacher(cfg, (tracking.read_record(run_dir).get("stage_runs") or {}).get("seg"), train_dir)
+        _link_teacher(cfg, tracking.stage_run_id(run_dir, "seg"), train_dir)
         log_run_model(cfg, run_dir, "segmenter")
     return run_dir

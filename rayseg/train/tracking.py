@@ -367,6 +367,11 @@ def read_record(run_dir: str | Path) -> dict:
         return {}
 
 
+def stage_run_id(run_dir: str | Path, stage: str) -> str | None:
+    """The MLflow run id of one stage of `run_dir` (its mlflow.json), or None."""
+    return (read_record(run_dir).get("stage_runs") or {}).get(stage)
+
+
 def update_record(run_dir: str | Path, **changes: Any) -> dict:
     """Merge `changes` into the run directory's record (atomic write). Dict values merge one level."""
     from rayseg import atomic
@@ -413,13 +418,12 @@ def stage_tracker(cfg: cfgmod.Config, run_dir: str | Path, stage: str, *, enable
     stage cmg) no new run is made: a disabled tracker."""
     if not enabled:
         return Tracker(cfg, stage, enabled=False)
-    record = read_record(run_dir)
-    existing = (record.get("stage_runs") or {}).get(stage)
+    existing = stage_run_id(run_dir, stage)
     if existing:
         return Tracker(cfg, stage, run_id=existing, system_metrics=system_metrics)
     if not create:
         return Tracker(cfg, stage, enabled=False)
-    parent = record.get("pipeline_run_id") or parent_run_id
+    parent = read_record(run_dir).get("pipeline_run_id") or parent_run_id
     tracker = Tracker(cfg, stage, parent_run_id=parent, step_offset=step_offset, system_metrics=system_metrics,
                       dataset_context="infer" if stage == "pseudo_label" else "train",
                       tags={TAG_STAGE: stage, "rayseg.run_dir": str(Path(run_dir).resolve()), **(tags or {})})

@@ -438,7 +438,7 @@ def run_trial(config: dict, sweep: dict) -> None:
         t0 = time.time()
         shared = branch_from_shared_stage1(cfg, Path(sweep["sweep_dir"]), trial_dir, child_run)
         if shared is not None:  # the trial's stage cmg is the shared run's (under the trial that trained it)
-            stage1_run = (tracking.read_record(shared).get("stage_runs") or {}).get("cmg")
+            stage1_run = tracking.stage_run_id(shared, "cmg")
             if stage1_run:
                 tracking.client_for(cfg).set_tag(child_run, launch.TAG_STAGE1_RUN, stage1_run)
         launch.fit(cfg, trial_dir, stages, parent_run_id=child_run, callbacks=[TuneReportCallback()])
