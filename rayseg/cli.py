@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from rayseg import config as cfgmod
+from rayseg.data.scene import PROFILES
 
 
 class _TrackingUri(argparse.Action):
@@ -428,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--scenes", type=int, default=None, help="number of scenes (default 64)")
     ps.add_argument("--views", type=int, default=None, help="views per scene (default 8)")
     ps.add_argument("--seed", type=int, default=None, help="generator seed (default 0)")
-    ps.add_argument("--profile", choices=["scannet20", "s3dis13"], default=None,
+    ps.add_argument("--profile", choices=sorted(PROFILES), default=None,
                     help="class set / room style (default scannet20)")
     ps.add_argument("--image-size", default=None, metavar="WxH", help="view size (default 320x240)")
     ps.add_argument("--num-cpus-per-task", type=float, default=1.0, help="Ray CPUs per scene task")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from rayseg import losses as L
 from rayseg import metrics as M
 from rayseg.train.checkpoint import load_state
 
@@ -31,7 +32,7 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, log: bool = True
     """Returns {"3d": confusion, "2d": confusion or None, "class_names": ..., "tables": str}."""
     from rayseg.train.launch import load_run
     from rayseg.train.device import to_device
-    from rayseg.train.loop import build_models, iter_rank_batches, pixel_rows
+    from rayseg.train.loop import build_models, iter_rank_batches
     from rayseg.train.stages import stage_config
     from rayseg.train.tracking import Tracker
 
@@ -59,7 +60,7 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, log: bool = True
             logits = net.forward_3d(b["coord"], b["feat"])["logits"]
         conf3 += M.confusion_matrix(logits[b["inverse"]].argmax(1), b["label"], num_classes)
         if conf2 is not None and b["images"].shape[0]:
-            pred2 = pixel_rows(net.forward_2d(b["images"])["logits"]).argmax(1)
+            pred2 = L.flatten_pixels(net.forward_2d(b["images"])["logits"]).argmax(1)
             conf2 += M.confusion_matrix(pred2, b["view_label"].reshape(-1), num_classes)
         scenes += 1
     what = "segmentation network" if is_seg else "EMA teacher"

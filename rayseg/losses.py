@@ -424,6 +424,22 @@ def cam_guidance(logits: torch.Tensor, target_logits: torch.Tensor, pair_tags: t
 GUIDANCE_VARIANTS = ("contrastive", "mse", "affinity", "cam")
 
 
+def guidance_inputs(variant: str, rows: torch.Tensor, *, feat: torch.Tensor, other_feat: torch.Tensor,
+                    project, logits: torch.Tensor, other_logits: torch.Tensor,
+                    pair_tags: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What one direction's guidance_loss reads at the drawn pair rows, by variant: the one
+    place that knows it (a new variant adds a branch here and one in guidance_loss). feat /
+    logits: this branch's features / class logits at the pooled links; other_*: the other
+    branch's; project: this branch's projection head into the other's feature width."""
+    if variant in ("contrastive", "mse"):
+        return {"query": project(feat[rows]), "target": other_feat[rows]}
+    if variant == "affinity":
+        return {"query": feat[rows], "target": other_feat[rows]}
+    if variant == "cam":
+        return {"logits": logits[rows], "target_logits": other_logits[rows], "pair_tags": pair_tags[rows]}
+    raise ValueError(f"unknown guidance variant {variant!r} (choose from {', '.join(GUIDANCE_VARIANTS)})")
+
+
 def guidance_loss(variant: str, pair_offset: torch.Tensor, *, query: torch.Tensor | None = None,
                   target: torch.Tensor | None = None, logits: torch.Tensor | None = None,
                   target_logits: torch.Tensor | None = None, pair_tags: torch.Tensor | None = None,

@@ -470,6 +470,15 @@ def test_reference_step_behaviours(tiny):
         assert log[f"{term}_per_scene"] == pytest.approx(one[term].item() / 2, rel=1e-5)
         assert 4.0 < log[f"{term}_per_scene"] < 7.0  # near ln(#pairs) at random init
         assert 0.0 < log[f"{term}_chance"] <= math.log(cfg.loss.guidance.max_pairs) + 1e-9
+    # every Table 3 variant gets its inputs through the same pairs (losses.guidance_inputs)
+    values = {}
+    for variant in L.GUIDANCE_VARIANTS:
+        vcfg = cfgmod.replace(cfg, **{"loss.guidance.loss_3d": variant, "loss.guidance.loss_2d": variant})
+        terms, _ = guidance_terms(model, b, out3, out2, vcfg, active, torch.Generator().manual_seed(4), 1, first)
+        values[variant] = (float(terms["con_3d"]), float(terms["con_2d"]))
+        assert all(math.isfinite(v) and v > 0 for v in values[variant]), (variant, values[variant])
+    assert values["contrastive"] == pytest.approx((one["con_3d"].item(), one["con_2d"].item()), rel=1e-6)
+    assert len({v for v in values.values()}) == len(L.GUIDANCE_VARIANTS)
     # RPC on voxel rows; at step 0 Q = 0, so every row passes the >= test
     thresholds = {s: L.ThresholdState.from_config(cfg.loss.rpc, num_classes) for s in ("3d", "2d")}
     _, log, accepted = two_branch_step(model, teacher, b, cfg, "cmg_rpc", 0, thresholds,

@@ -48,7 +48,6 @@ from rayseg.train.checkpoint import (CHECKPOINT_FILE, UnsafeCheckpointError, che
 from rayseg.train.checkpoint import latest_checkpoint  # noqa: F401 - still importable from here
 from rayseg.train.device import to_device
 from rayseg.train.stages import stage_config
-STAGES = ("cmg", "cmg_rpc", "seg")
 PROGRESS_SECONDS = 10.0  # a progress line at most this often (rank 0)
 
 
@@ -145,12 +144,6 @@ def iter_rank_batches(cfg: cfgmod.Config, split: str, mode: str, epoch: int, ran
         yield from pipeline.iter_batches_from_plan(sub, cfg, epoch, cfg.seed, batch_size)
 
 
-def pixel_rows(logits_2d: torch.Tensor) -> torch.Tensor:
-    """(V, C, H, W) -> (V*H*W, C) rows in view-major, then y, then x order (= link_pixel order)."""
-    v, c, h, w = logits_2d.shape
-    return logits_2d.permute(0, 2, 3, 1).reshape(v * h * w, c)
-
-
 def pixel_tags(view_tags: torch.Tensor, view_offset: torch.Tensor, hw: int) -> torch.Tensor:
     """Per-scene tags (B, C) -> per-pixel tags (V*H*W, C)."""
     per_view = L.gather_tags(view_tags, view_offset)
@@ -194,7 +187,7 @@ def guidance_terms(model, b: dict, out3: dict, out2: dict, cfg: cfgmod.Config, a
     f3 = out3["feat"][vox]
     f2 = model.sample_2d(out2["feat"], lv, lpx, (height, width))
     logit3 = out3["logits"][vox]
-    logit2 = pixel_rows(out2["logits"])[lv * height * width + lpx]
+    logit2 = L.flatten_pixels(out2["logits"])[lv * height * width + lpx]
     pair_tags = L.gather_tags(b["teacher_tags"], b["teacher_point_offset"])[lp]
     scale = float(world) if g.scene_reduction == "sum" else 1.0
     terms, log = {}, {}
@@ -204,12 +197,8 @@ def guidance_terms(model, b: dict, out3: dict, out2: dict, cfg: cfgmod.Config, a
         if term not in active:
             continue
         rows, pair_offset = L.draw_pairs(pool_offset, g.max_pairs, generator)
-        if variant in ("contrastive", "mse"):
-            inputs = {"query": project(mine_feat[rows]), "target": other_feat[rows]}
-        elif variant == "affinity":
-            inputs = {"query": mine_feat[rows], "target": other_feat[rows]}
-        else:
-            inputs = {"logits": mine_logit[rows], "target_logits": other_logit[rows], "pair_tags": pair_tags[rows]}
+        inputs = L.guidance_inputs(variant, rows, feat=mine_feat, other_feat=other_feat, project=project,
+                                   logits=mine_logit, other_logits=other_logit, pair_tags=pair_tags)
         value = L.guidance_loss(variant, pair_offset, temperature=g.temperature, reduction=g.scene_reduction, **inputs)
         terms[term] = value * scale
         pairs = L.counts_from_offset(pair_offset)
@@ -267,10 +256,10 @@ def two_branch_step(model, teacher, b: dict, cfg: cfgmod.Config, stage: str, sta
                 t2 = teacher.forward_2d(b["teacher_images"])
             hw = height * width
             row_tags = pixel_tags(b["teacher_view_tags"], b["teacher_view_offset"], hw)
-            label, mask = L.rpc_targets(pixel_rows(t2["logits"]), row_tags, b["teacher_view_region"].reshape(-1),
+            label, mask = L.rpc_targets(L.flatten_pixels(t2["logits"]), row_tags, b["teacher_view_region"].reshape(-1),
                                         thresholds["2d"].thresholds(), lc.rpc.mode)
             mask &= b["view_valid"].reshape(-1)  # removed structures: their tags are cleared
-            terms["rpc_2d"] = L.rpc_loss(pixel_rows(out2["logits"]), label, mask,
+            terms["rpc_2d"] = L.rpc_loss(L.flatten_pixels(out2["logits"]), label, mask,
                                          row_tags if lc.rpc.student_classes == "tagged" else None)
             accepted["2d"] = L.accepted_counts(label, mask, out3["logits"].shape[1])
 
@@ -310,7 +299,7 @@ def pseudo_label_confusion(model, cfg: cfgmod.Config, num_classes: int, rank: in
         conf["3d"] += M.confusion_matrix(pred.cpu(), b["label"].cpu(), num_classes)
         if cfg.data.num_views and b["images"].shape[0]:
             out2 = model.forward_2d(b["images"])
-            pred2 = L.scene_pseudo_labels(pixel_rows(out2["logits"]), b["view_tags"][0],
+            pred2 = L.scene_pseudo_labels(L.flatten_pixels(out2["logits"]), b["view_tags"][0],
                                           b["view_region"].reshape(-1), mode)
             conf["2d"] += M.confusion_matrix(pred2.cpu(), b["view_label"].reshape(-1).cpu(), num_classes)
     return {k: M.all_reduce_sum(v) for k, v in conf.items()}
