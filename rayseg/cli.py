@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder(s) holding <scene>/ directories, e.g. scans scans_test")
     ps.add_argument("--splits", required=True, metavar="DIR",
                     help="folder with scannetv2_train.txt / _val.txt / _test.txt")
-    ps.add_argument("--out", default=None, help="output dataset folder (default: the config's data.root)")
+    ps.add_argument("--out", required=True, help="output dataset folder")
     ps.add_argument("--frame-skip", type=int, default=20, help="keep every k-th frame (default 20)")
     ps.add_argument("--image-size", type=_wh, default=(320, 240), metavar="WxH",
                     help="view size (default 320x240)")
@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Stanford3dDataset_v1.2 (recommended) or ..._Aligned_Version folder")
     ps.add_argument("--images", default=None, metavar="DIR",
                     help="2D-3D-S folder with area_N/data/{rgb,depth,pose} (omit: 3D only)")
-    ps.add_argument("--out", default=None, help="output dataset folder (default: the config's data.root)")
+    ps.add_argument("--out", required=True, help="output dataset folder")
     ps.add_argument("--angles", default=None, metavar="DIR",
                     help="folder with Area_N/Area_N_alignmentAngle.txt for an Aligned_Version copy "
                          "(default: read from --raw, else estimated from the views' depth)")

@@ -209,6 +209,10 @@ def test_prepare_synthetic_cli_writes_generator_scenes_and_resumes(tmp_path, ray
     assert "3 scenes: 0 written, 3 skipped" in capsys.readouterr().out
     assert cli.main(["prepare", "synthetic", "--scenes", "3"]) == 2
     assert "give --out DIR, or a config whose data.root" in capsys.readouterr().err
+    for reader in (["scannet", "--raw", "r", "--splits", "s"], ["s3dis", "--raw", "r"]):  # no config: --out needed
+        with pytest.raises(SystemExit):
+            cli.main(["prepare", *reader])
+        assert "the following arguments are required: --out" in capsys.readouterr().err
 
     # A 13-class scene dropped into the folder: re-running prepare used to list it in the manifest.
     foreign = tiny_scene("Area_1_office_1")
