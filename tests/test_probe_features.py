@@ -112,3 +112,27 @@ def test_rpc_targets_counts_what_region_pooled_targets_fix_and_break():
     table = {r["class"]: r for r in rpctargets.class_table(out, "adaptive", ("a", "b", "c"))}
     assert table["c"]["kept_recall"] == 0.0 and table["c"]["kept_as"][0] == ("b", 1.0)  # its point was taught "b"
     assert table["a"]["kept_recall"] == 1.0 and table["a"]["kept_as"][0][1] == 0.0
+
+
+_spec3 = importlib.util.spec_from_file_location(
+    "link_labels", Path(__file__).resolve().parents[1] / "experiments" / "link_labels.py")
+link_labels = importlib.util.module_from_spec(_spec3)
+_spec3.loader.exec_module(link_labels)
+
+
+def test_labels_at_links_read_the_linked_pixel_mask_untagged_classes_and_fuse():
+    """Two views of 2 x 3 pixels, 3 classes, class 2 untagged. Link k joins point k to one pixel:
+    the 2D label must be that pixel's, never the untagged class, and the fused label the argmax of
+    the mean of both branches' masked softmax."""
+    view_logits = torch.zeros(2, 3, 2, 3)
+    view_logits[1, 1, 1, 2] = 4.0   # view 1, pixel (1, 2): class 1
+    view_logits[0, 2, 0, 1] = 9.0   # view 0, pixel (0, 1): untagged class 2 ...
+    view_logits[0, 0, 0, 1] = 1.0   # ... so class 0 there
+    point_logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    batch = {"link_point": torch.tensor([0, 1]), "link_view": torch.tensor([1, 0]),
+             "link_pixel": torch.tensor([1 * 3 + 2, 0 * 3 + 1]),
+             "tags": torch.tensor([[1.0, 1.0, 0.0]]), "label": torch.tensor([1, 0, 2])}
+    out = link_labels.labels_at_links(batch, point_logits, view_logits)
+    assert out["3d"].tolist() == [0, 1] and out["2d"].tolist() == [1, 0] and out["gt"].tolist() == [1, 0]
+    # link 0: 3D sure of 0 (p 0.95), 2D sure of 1 (p 0.98): the mean favours 1 by a hair
+    assert out["fused"].tolist() == [1, 0]
