@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from rayseg import metrics as M
 from rayseg.config import replace as cfg_replace
 from rayseg.data import shards
 from rayseg.models.twobranch import TwoBranchModel
-from rayseg.train.checkpoint import latest_checkpoint, load_state
+from rayseg.train.checkpoint import load_state, run_checkpoint
 from rayseg.train.device import to_device
 from rayseg.train.launch import load_run
 from rayseg.train.loop import iter_rank_batches
@@ -77,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cfg_replace(load_run(args.run), **{"data.loader": "local"})
     class_names = tuple(shards.load_manifest(cfg.data.root)["class_names"])
     nc = len(class_names)
-    ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(Path(args.run))
-    if ckpt is None or not ckpt.is_file():
-        sys.exit(f"{args.run}: no checkpoint ({ckpt})")
+    ckpt = run_checkpoint(args.run, args.checkpoint)
     teacher = TwoBranchModel(cfg.model, nc)
     teacher.load_state_dict(load_state(ckpt)["teacher"])
     conf = link_confusions(teacher, cfg, cfg.data.train_split, nc)

@@ -19,12 +19,9 @@ from rayseg.train.checkpoint import load_state
 
 
 def load_checkpoint(run_dir: Path) -> dict:
-    from rayseg.train.checkpoint import latest_checkpoint
+    from rayseg.train.checkpoint import run_checkpoint
 
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint found under checkpoints/")
-    return load_state(path, map_location="cpu")
+    return load_state(run_checkpoint(run_dir), map_location="cpu")
 
 
 @torch.no_grad()

@@ -191,3 +191,15 @@ def test_commands_refuse_a_planted_checkpoint_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("rayseg evaluate: ") and "000000005-cmg-e0001/state.pt: refused to load" in err
     assert "Traceback" not in err and not marker.exists()
+
+
+def test_run_checkpoint_is_the_given_file_or_the_latest_and_names_what_is_missing(tmp_path):
+    from rayseg.train.checkpoint import run_checkpoint
+
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no checkpoint found under checkpoints/"):
+        run_checkpoint(tmp_path)
+    first = save_checkpoint(tmp_path, {"x": torch.zeros(1)}, Progress(epoch=1, step=10), "cmg") / "state.pt"
+    latest = save_checkpoint(tmp_path, {"x": torch.ones(1)}, Progress(epoch=2, step=20), "cmg_rpc") / "state.pt"
+    assert run_checkpoint(tmp_path) == latest and run_checkpoint(str(tmp_path), first) == first
+    with pytest.raises(FileNotFoundError, match="gone.pt: no such checkpoint file"):
+        run_checkpoint(tmp_path, tmp_path / "gone.pt")

@@ -49,6 +49,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def run_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """The checkpoint a reader of a run uses: `checkpoint` when given (e.g. an earlier stage's
+    state.pt), else the run's latest. FileNotFoundError naming the run or file when there is none."""
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"{checkpoint}: no such checkpoint file")
+        return Path(checkpoint)
+    path = latest_checkpoint(Path(run_dir))
+    if path is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint found under checkpoints/")
+    return path
+
+
 def load_state(path: str | Path, map_location="cpu") -> dict:
     """The checkpoint dict at ``path``, loaded with ``weights_only=True``.
 
