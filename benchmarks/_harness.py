@@ -63,7 +63,7 @@ def batches(cfg: cfgmod.Config, epoch: int, batch_size: int | None = None):
     from rayseg.data import pipeline
 
     p = pipeline.plan(cfg.data.root, cfg.data.train_split, cfg, "train", epoch, cfg.seed)
-    return pipeline.iter_batches_from_plan(p, cfg, epoch, cfg.seed, batch_size or cfg.optim.batch_size)
+    return pipeline.batches(p, cfg, epoch, cfg.seed, batch_size or cfg.optim.batch_size)
 
 
 def endless_batches(cfg: cfgmod.Config):
@@ -144,13 +144,10 @@ def _worker_init() -> None:
 
 
 def _make_sample(args) -> dict:
-    from dataclasses import replace
-
     from rayseg.data import pipeline
 
     cfg, path, p, epoch = args
-    one = replace(p, paths=[path], scene_ids=[path.stem])
-    return next(pipeline.iter_samples_from_plan(one, cfg, epoch, cfg.seed))
+    return pipeline.read_sample(path, p, cfg, epoch, cfg.seed)
 
 
 # --------------------------------------------------------------------------------------------

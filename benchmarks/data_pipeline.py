@@ -123,7 +123,8 @@ def main() -> None:
 
         plain, plain_batches = [], []
         for epoch in range(args.epochs):
-            timing, batches = timed(P.iter_batches(root, "train", cfg, "train", epoch=epoch))
+            p = P.plan(root, "train", cfg, "train", epoch)
+            timing, batches = timed(P.batches(p, cfg, epoch, cfg.seed, cfg.optim.batch_size))
             plain.append(timing)
             plain_batches.append(batches)
 
@@ -133,8 +134,8 @@ def main() -> None:
         via_ray, identical = [], True
         try:
             for epoch in range(args.epochs):
-                timing, batches = timed(P.iter_batches_ray(P.ray_dataset(root, "train", cfg, "train", epoch=epoch),
-                                                           cfg.optim.batch_size))
+                p = P.plan(root, "train", cfg, "train", epoch)
+                timing, batches = timed(P.batches(p, cfg, epoch, cfg.seed, cfg.optim.batch_size, loader="ray"))
                 via_ray.append(timing)
                 identical &= same_batches(batches, plain_batches[epoch])
         finally:

@@ -255,8 +255,7 @@ class Predictor:
         from rayseg.train.device import to_device
 
         p = pipeline.plan(shard.parent.parent, shard.parent.name, self.cfg, "infer")
-        one = pipeline.DatasetPlan(**{**p.__dict__, "paths": [shard], "scene_ids": [shard.stem]})
-        (sample,) = list(pipeline.iter_samples_from_plan(one, self.cfg, 0, self.cfg.seed))
+        sample = pipeline.read_sample(shard, p, self.cfg, 0, self.cfg.seed)
         b = to_device(pipeline.collate([sample]), self.device)
         with torch.no_grad():
             _, logits = self.net(b["coord"], b["feat"])

@@ -175,7 +175,7 @@ def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None =
 
         init_ray(cfg)
         sub = pipeline.DatasetPlan(**{**p.__dict__, "paths": todo, "scene_ids": [x.stem for x in todo]})
-        ds = pipeline.ray_dataset_from_plan(sub, cfg, 0, cfg.seed)
+        ds = pipeline.ray_samples([(0, sub)], cfg, cfg.seed)
         ds = ds.map(TeacherLabeler, fn_constructor_kwargs=dict(
             checkpoint=str(ckpt), flat_config=cfgmod.flatten(cfgmod.to_dict(cfg)),
             num_classes=len(p.class_names), out=str(out), split=split, source=source),

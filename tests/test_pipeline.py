@@ -42,6 +42,13 @@ def ray_local():
     ray.shutdown()
 
 
+def plan_batches(root, split, cfg, mode, epoch=0, seed=None, batch_size=None, loader="local"):
+    """pipeline.batches of a whole pass (seed and batch size default to the config's)."""
+    seed = cfg.seed if seed is None else seed
+    p = P.plan(root, split, cfg, mode, epoch, seed)
+    return P.batches(p, cfg, epoch, seed, batch_size or cfg.optim.batch_size, loader=loader)
+
+
 def _point_positions(coord: np.ndarray, inverse: np.ndarray, voxel: float) -> np.ndarray:
     return (coord[inverse, 1:].astype(np.float64) + 0.5) * voxel
 
@@ -94,7 +101,7 @@ def check_contract(batch: dict, cfg, mode: str) -> None:
 def test_teacher_and_student_are_the_same_points(dataset):
     cfg = small_config(**{"augment.remove_floor_p": 1.0, "augment.remove_wall_p": 0.0, "data.max_points": 2500,
                           "augment.mix3d": True})
-    batch = next(P.iter_batches(dataset, "train", cfg, "train", epoch=0, batch_size=4))
+    batch = next(plan_batches(dataset, "train", cfg, "train", epoch=0, batch_size=4))
     check_contract(batch, cfg, "train")
     assert len(batch["scene_id"]) == 2 and len(batch["teacher_scene_id"]) == 4  # two Mix3D pairs
     assert batch["scene_id"][0] == "+".join(batch["teacher_scene_id"][:2])
@@ -110,7 +117,7 @@ def test_teacher_and_student_are_the_same_points(dataset):
     assert 0.05 < 1 - batch["view_valid"].mean() < 0.6  # the camera looks down: floor, not everything
     kept = small_config(**{"augment.remove_floor_p": 1.0, "augment.remove_wall_p": 0.0, "data.max_points": 2500,
                            "augment.mix3d": True, "augment.removal_2d": False})
-    reference = next(P.iter_batches(dataset, "train", kept, "train", epoch=0, batch_size=4))
+    reference = next(plan_batches(dataset, "train", kept, "train", epoch=0, batch_size=4))
     assert reference["view_tags"][:, FLOOR].min() == 1 and reference["view_valid"].all()  # views show the floor
     np.testing.assert_array_equal(reference["teacher_tags"], batch["teacher_tags"])
     voxel = cfg.data.voxel_size
@@ -127,8 +134,8 @@ def test_teacher_and_student_are_the_same_points(dataset):
 
 def test_eval_mode_is_deterministic_unaugmented_and_reads_labels(dataset):
     cfg = small_config()
-    first = list(P.iter_batches(dataset, "val", cfg, "eval", epoch=0, seed=1, batch_size=2))
-    again = list(P.iter_batches(dataset, "val", cfg, "eval", epoch=3, seed=2, batch_size=2))
+    first = list(plan_batches(dataset, "val", cfg, "eval", epoch=0, seed=1, batch_size=2))
+    again = list(plan_batches(dataset, "val", cfg, "eval", epoch=3, seed=2, batch_size=2))
     assert len(first) == 1 and first[0]["scene_id"] == ["scene05", "scene06"]
     check_contract(first[0], cfg, "eval")
     for k, v in first[0].items():
@@ -137,7 +144,8 @@ def test_eval_mode_is_deterministic_unaugmented_and_reads_labels(dataset):
     n = scene["coord"].shape[0]
     np.testing.assert_array_equal(first[0]["label"][:n], scene["label"])
     # eval views are the first of each chunk: 5 views in 3 chunks -> views 0, 2, 4
-    sample = next(P.iter_samples(dataset, "val", cfg, "eval"))
+    p = P.plan(dataset, "val", cfg, "eval")
+    sample = P.read_sample(p.paths[0], p, cfg, 0, cfg.seed)
     idx, _ = link_points(scene["coord"], scene["view_depth"][2], scene["view_pose"][2],
                            scene["view_intrinsics"][2], cfg.data.voxel_size)
     np.testing.assert_array_equal(sample["link_point"][sample["link_view"] == 1], idx)
@@ -146,9 +154,8 @@ def test_eval_mode_is_deterministic_unaugmented_and_reads_labels(dataset):
 def test_ray_data_gives_the_plain_loop_batches(dataset, ray_local):
     cfg = small_config(**{"augment.remove_floor_p": 0.5, "augment.remove_wall_p": 0.5})
     for mode, split in (("train", "train"), ("eval", "val")):
-        plain = list(P.iter_batches(dataset, split, cfg, mode, epoch=2, seed=7, batch_size=2))
-        ds = P.ray_dataset(dataset, split, cfg, mode, epoch=2, seed=7)
-        via_ray = list(P.iter_batches_ray(ds, batch_size=2))
+        plain = list(plan_batches(dataset, split, cfg, mode, epoch=2, seed=7, batch_size=2))
+        via_ray = list(plan_batches(dataset, split, cfg, mode, epoch=2, seed=7, batch_size=2, loader="ray"))
         assert len(plain) == len(via_ray) > 0
         for a, b in zip(plain, via_ray):
             assert a.keys() == b.keys()
@@ -159,8 +166,8 @@ def test_ray_data_gives_the_plain_loop_batches(dataset, ray_local):
                 else:
                     assert a[k] == b[k], k
     # a different epoch reorders the scenes and draws other augmentations
-    other = next(P.iter_batches(dataset, "train", cfg, "train", epoch=3, seed=7, batch_size=5))
-    this = next(P.iter_batches(dataset, "train", cfg, "train", epoch=2, seed=7, batch_size=5))
+    other = next(plan_batches(dataset, "train", cfg, "train", epoch=3, seed=7, batch_size=5))
+    this = next(plan_batches(dataset, "train", cfg, "train", epoch=2, seed=7, batch_size=5))
     assert other["teacher_scene_id"] != this["teacher_scene_id"]
 
 
@@ -175,7 +182,7 @@ def test_ray_pass_stream_gives_each_epochs_plain_batches(dataset, ray_local, cap
     with pytest.raises(P.PipelineError, match="epoch 5 requested"):
         next(stream.batches(5))
     for epoch in epochs:
-        plain = list(P.iter_batches(dataset, "train", cfg, "train", epoch=epoch, seed=7, batch_size=2))
+        plain = list(plan_batches(dataset, "train", cfg, "train", epoch=epoch, seed=7, batch_size=2))
         via_ray = list(stream.batches(epoch))
         assert [b["teacher_scene_id"] for b in via_ray] == [b["teacher_scene_id"] for b in plain]
         for a, b in zip(plain, via_ray):
@@ -207,18 +214,18 @@ def test_train_mode_never_reads_ground_truth(dataset, tmp_path, ray_local):
     cfg = small_config()
     assert not set(P.plan(root, "train", cfg, "train").columns) & {"label", "instance", "view_label"}
     assert not set(P.plan(root, "train", cfg, "infer").columns) & {"label", "instance", "view_label"}
-    batches = list(P.iter_batches(root, "train", cfg, "train", batch_size=5))
+    batches = list(plan_batches(root, "train", cfg, "train", batch_size=5))
     assert len(batches) == 1 and "label" not in batches[0]
-    rows = list(P.ray_dataset(root, "train", cfg, "infer").iter_rows())
+    rows = list(P.ray_samples([(0, P.plan(root, "train", cfg, "infer"))], cfg, cfg.seed).iter_rows())
     assert len(rows) == 5 and "label" not in rows[0]
     with pytest.raises(shards.ShardError, match="label"):
-        next(P.iter_batches(root, "train", cfg, "eval"))
+        next(plan_batches(root, "train", cfg, "eval"))
 
 
 def test_named_errors(dataset, tmp_path):
     cfg = small_config(**{"data.region_column": "vccs"})
     with pytest.raises(P.PipelineError) as err:
-        P.ray_dataset(dataset, "train", cfg, "train")  # fails before Ray is touched
+        plan_batches(dataset, "train", cfg, "train", loader="ray")  # fails before Ray is touched
     msg = str(err.value)
     assert "region_vccs" in msg and str(dataset) in msg and "region_test" in msg and "coord" in msg
     with pytest.raises(FileNotFoundError, match="nowhere"):
@@ -227,6 +234,8 @@ def test_named_errors(dataset, tmp_path):
         P.plan(dataset, "test", small_config(), "train")
     with pytest.raises(P.PipelineError, match="mode"):
         P.plan(dataset, "train", small_config(), "training")
+    with pytest.raises(P.PipelineError, match="loader must be one of"):
+        plan_batches(dataset, "train", small_config(), "train", loader="threads")
     empty = room_scene("empty")
     for k in ("coord", "color", "normal", "label", "instance"):
         empty[k] = empty[k][:0]
@@ -245,7 +254,7 @@ def test_named_errors(dataset, tmp_path):
 
 def test_wall_removal_and_no_views(dataset):
     cfg = small_config(**{"augment.remove_wall_p": 1.0, "data.num_views": 0, "augment.mix3d": False})
-    batch = next(P.iter_batches(dataset, "train", cfg, "train", batch_size=2))
+    batch = next(plan_batches(dataset, "train", cfg, "train", batch_size=2))
     assert batch["tags"][:, WALL].max() == 0 and batch["images"].shape == (0, 3, 24, 32)
     assert batch["link_point"].size == 0 and len(batch["scene_id"]) == 2
     # all wall points (regions 1-4) are gone: nothing left within 0.05 m of the x = 0 wall plane
@@ -259,7 +268,8 @@ def test_decoding_only_the_chosen_views_changes_nothing(dataset):
     fully decoded scene with the same generator gives the same sample."""
     cfg = small_config(**{"augment.remove_floor_p": 0.5})
     p = P.plan(dataset, "train", cfg, "train", epoch=1, seed=3)
-    for path, sample in zip(p.paths[:2], P.iter_samples(dataset, "train", cfg, "train", epoch=1, seed=3)):
+    for path in p.paths[:2]:
+        sample = P.read_sample(path, p, cfg, 1, 3)
         scene = shards.read_scene(path, p.columns)
         assert scene["view_rgb"].shape[0] == 5 and sample["images"].shape[0] == 3
         ref = P.make_sample(scene, cfg, P.scene_rng(3, 1, scene["scene_id"]), "train", SCANNET20)
@@ -281,7 +291,7 @@ def test_ray_data_runs_beside_training_workers(dataset, ray_local):
     workers = [Worker.remote() for _ in range(2)]
     ray_local.get([w.ping.remote() for w in workers])
     try:
-        batches = list(P.iter_batches_ray(P.ray_dataset(dataset, "val", small_config(), "infer"), batch_size=2))
+        batches = list(plan_batches(dataset, "val", small_config(), "infer", batch_size=2, loader="ray"))
         assert [b["scene_id"] for b in batches] == [["scene05", "scene06"]]
     finally:
         for w in workers:
@@ -315,9 +325,9 @@ def test_ray_data_tasks_ask_for_ray_data_task_cpus(dataset, ray_local):
     ray_local.get(holder.ping.remote())
     try:
         cfg = cfgmod.replace(small_config(), **{"ray.data_task_cpus": 0.25})
-        batches = list(P.iter_batches_ray(P.ray_dataset(dataset, "val", cfg, "infer"), batch_size=2))
+        batches = list(plan_batches(dataset, "val", cfg, "infer", batch_size=2, loader="ray"))
         assert [b["scene_id"] for b in batches] == [["scene05", "scene06"]]
-        whole = P.ray_dataset(dataset, "val", small_config(), "infer")
+        whole = P.ray_samples([(0, P.plan(dataset, "val", small_config(), "infer"))], small_config(), 0)
         ref = ray.remote(lambda ds: len(list(ds.iter_rows()))).options(num_cpus=0).remote(whole)
         ready, _ = ray.wait([ref], timeout=20)
         assert not ready  # a whole CPU per task: still waiting

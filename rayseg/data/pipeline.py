@@ -1,12 +1,16 @@
 """Scene shards -> training / evaluation batches, in a plain Python loop or through Ray Data.
 
-One straight line: read the needed shard columns -> decode (shards.row_to_scene) -> make_sample
-(view sampling, floor/wall/ceiling removal, subsampling, point-pixel links on the un-augmented
-coordinates, teacher-weak / student-strong augmentation, voxelisation) -> collate (Mix3D overlay
-of consecutive scene pairs for the student, concatenation with offsets). `iter_batches` runs it
-in the calling process; `ray_dataset` + `iter_batches_ray` run the per-scene part in Ray Data and
-give the same batches for the same seed: every scene's random generator derives from (seed,
-epoch, scene_id) alone, and the scene order of an epoch from (seed, epoch) alone.
+One straight line: plan (the checked dataset: shards in epoch order, columns to read) -> read the
+needed shard columns -> decode (shards.row_to_scene) -> make_sample, a chain of small dict-in /
+dict-out steps (checked_scene, choose_views, remove_structures: floor/wall/ceiling removal,
+subsample, views_and_links: point-pixel links on the un-augmented coordinates, centred_points,
+shared_keys, then unaugmented_side or teacher_and_student: teacher-weak / student-strong
+augmentation, voxelisation) -> collate (Mix3D overlay of consecutive scene pairs for the student,
+concatenation with offsets). `batches(plan(...), cfg, epoch, seed, batch_size, loader)` runs it
+in the calling process (loader "local") or the per-scene part in Ray Data (loader "ray", through
+`ray_samples`; `RayPassStream` streams several training passes from one dataset); both give the
+same batches for the same seed: every scene's random generator derives from (seed, epoch,
+scene_id) alone, and the scene order of an epoch from (seed, epoch) alone.
 
 Modes: "train" (augmented teacher + student, no ground truth read), "eval" (one un-augmented
 side, plus `label` / `view_label` for metrics), "infer" (one un-augmented side, no ground truth;
@@ -61,7 +65,7 @@ import functools
 import logging
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -115,16 +119,194 @@ def scene_rng(seed: int, epoch: int, scene_id: str) -> np.random.Generator:
 
 
 # --------------------------------------------------------------------------------------------
-# One scene -> one sample
+# One scene -> one sample: small steps, each a plain dict in -> a new dict out
 # --------------------------------------------------------------------------------------------
+# make_sample runs them in order. The scene dict goes through the first steps (none changes its
+# input; each adds or replaces keys); the last ones build the sample's keys. Keys the steps add
+# to the scene: views (chosen view indices), view_tags, removed + unremoved_coord (only when
+# structures were removed), then images, view_region, view_valid, link_* (and, in eval mode,
+# view_label replaced by the chosen views' labels at the network's resolution).
+#
+# Only choose_views, remove_structures, subsample and teacher_and_student draw from rng, in
+# that order. The order is part of the result: resume and the Ray == plain loop equality rely on
+# every scene drawing the same numbers, so a new draw goes after the existing ones.
+
+
+def _scene_name(scene: dict) -> str:
+    return str(scene.get("scene_id", "<no scene_id>"))
+
+
+def checked_scene(scene: dict, cfg: Config, mode: str) -> dict:
+    """The scene as this mode may see it: ground-truth keys dropped unless mode is "eval" (so
+    training cannot use them by mistake), checked, with the configured region columns present."""
+    sid = _scene_name(scene)
+    if "coord" not in scene or len(scene["coord"]) == 0:
+        raise SceneError(f"scene {sid}: coord: scene has zero points")
+    scene = {k: v for k, v in scene.items() if mode == "eval" or k not in ("label", "instance", "view_label")}
+    validate_scene(scene)
+    region_key, view_region_key = region_keys(cfg)
+    for key in ([region_key] if region_key else []) + ([view_region_key] if region_key and cfg.data.num_views else []):
+        if key not in scene:
+            raise SceneError(f"scene {sid}: {key}: region column missing (data.region_column = "
+                             f"{cfg.data.region_column!r}; scene has {sorted(scene)})")
+    return scene
+
+
+def choose_views(scene: dict, cfg: Config, rng: np.random.Generator, mode: str,
+                 views: np.ndarray | None = None) -> dict:
+    """+ views: the data.num_views view indices (random per chunk in training, the first of each
+    chunk otherwise), or the given ones when the loader already chose them with this rng."""
+    if views is None:
+        views = T.sample_views(scene, cfg.data.num_views, rng if mode == "train" else None)
+    return {**scene, "views": views}
+
+
+def remove_structures(scene: dict, cfg: Config, rng: np.random.Generator, mode: str,
+                      class_names: tuple[str, ...]) -> dict:
+    """Training with augmentation and regions: drop floor / wall / ceiling regions at random (once,
+    before the teacher/student split, so both sides keep the same points) and clear their tags.
+    + view_tags: the tags the views stand for; the stored tags, since the images still show the
+    removed structures, unless augment.removal_2d takes their pixels out of the pooling too.
+    + removed (mask over the points before removal) and unremoved_coord, when something went:
+    views_and_links needs them to find the removed structures' pixels."""
+    aug = cfg.augment
+    region_key, _ = region_keys(cfg)
+    scene = {**scene, "view_tags": scene["tags"].astype(np.float32)}
+    if not (mode == "train" and aug.enabled and region_key):
+        return scene
+    keep, tags = T.structures_to_remove(scene, region_key, tuple(class_names), rng, aug)
+    if keep is None:
+        return scene
+    out = {**T.select_points(scene, keep), "tags": tags, "removed": ~keep, "unremoved_coord": scene["coord"]}
+    if aug.removal_2d:
+        out["view_tags"] = tags.astype(np.float32)
+    return out
+
+
+def subsample(scene: dict, cfg: Config, rng: np.random.Generator, mode: str) -> dict:
+    """Training: at most data.max_points points, a random subset kept in stored order."""
+    n, cap = scene["coord"].shape[0], cfg.data.max_points
+    if mode != "train" or not cap or n <= cap:
+        return scene
+    return T.select_points(scene, np.sort(rng.choice(n, cap, replace=False)))
+
+
+def views_and_links(scene: dict, cfg: Config, mode: str) -> dict:
+    """The chosen views at the network's resolution and their point-pixel links, made from the
+    stored (un-augmented) world coordinates so augmentation never moves a link.
+    + images uint8 (V, H, W, 3), view_region int32 (V, H, W), view_valid bool (V, H, W) (False on
+    the removed structures' pixels with augment.removal_2d, as their points left 3D),
+    link_point / link_view / link_pixel; eval mode: view_label becomes the chosen views' labels."""
+    hw = (cfg.data.image_height, cfg.data.image_width)
+    _, view_region_key = region_keys(cfg)
+    views, world = scene["views"], scene["coord"]
+    rgb = np.zeros((len(views),) + hw + (3,), np.uint8)
+    view_region = np.full((len(views),) + hw, NO_REGION, np.int32)
+    view_label = np.zeros((len(views),) + hw, np.uint8)
+    view_valid = np.ones((len(views),) + hw, bool)
+    removed_tree = None
+    if "removed" in scene and cfg.augment.removal_2d and len(views):
+        removed_tree = cKDTree(scene["unremoved_coord"])
+    link_point, link_view, link_pixel = [], [], []
+    for j, i in enumerate(views):
+        src_hw = scene["view_rgb"].shape[1:3]
+        rgb[j] = T.resize_rgb(scene["view_rgb"][i], hw)
+        depth = T.resize_nearest(scene["view_depth"][i], hw)
+        K = T.resize_intrinsics(scene["view_intrinsics"][i], src_hw, hw)
+        p, px = link_points(world, depth, scene["view_pose"][i], K, cfg.data.voxel_size)
+        link_point.append(p)
+        link_view.append(np.full(p.shape, j, np.int64))
+        link_pixel.append(px)
+        if removed_tree is not None:
+            view_valid[j] = ~removed_pixel_mask(removed_tree, scene["removed"], depth, scene["view_pose"][i], K,
+                                                REMOVAL_PIXEL_DISTANCE)
+        if view_region_key:
+            view_region[j] = T.resize_nearest(scene[view_region_key][i], hw)
+        if mode == "eval" and "view_label" in scene:
+            view_label[j] = T.resize_nearest(scene["view_label"][i], hw)
+    out = {
+        **scene, "images": rgb, "view_region": view_region, "view_valid": view_valid,
+        "link_point": np.concatenate(link_point) if link_point else np.zeros(0, np.int64),
+        "link_view": np.concatenate(link_view) if link_view else np.zeros(0, np.int64),
+        "link_pixel": np.concatenate(link_pixel) if link_pixel else np.zeros(0, np.int64),
+    }
+    if mode == "eval" and "view_label" in scene:
+        out["view_label"] = view_label
+    return out
+
+
+def centred_points(scene: dict) -> dict:
+    """The points as the networks take them: float32 coordinates centred by T.center (after the
+    links, which need the stored world coordinates), float32 colour, normal (zeros if none)."""
+    n = scene["coord"].shape[0]
+    normal = scene["normal"].astype(np.float32) if "normal" in scene else np.zeros((n, 3), np.float32)
+    return {**scene, "coord": T.center(scene["coord"].astype(np.float32)),
+            "color": scene["color"].astype(np.float32), "normal": normal}
+
+
+def shared_keys(scene: dict, cfg: Config, mode: str) -> dict:
+    """The sample keys both sides share (point i is point i on both): tags, regions, views'
+    regions / validity, links, pseudo-labels."""
+    region_key, _ = region_keys(cfg)
+    n = scene["coord"].shape[0]
+    sample: dict[str, Any] = {
+        "scene_id": _scene_name(scene),
+        "mix3d": bool(mode == "train" and cfg.augment.mix3d),
+        "tags": scene["tags"].astype(np.float32),
+        "view_tags": scene["view_tags"],
+        "region": scene[region_key].astype(np.int32) if region_key else np.full(n, NO_REGION, np.int32),
+        **{k: scene[k] for k in ("view_region", "view_valid", "link_point", "link_view", "link_pixel")},
+    }
+    if "pseudo_label" in scene:
+        sample["pseudo_label"] = scene["pseudo_label"]
+    return sample
 
 
 def _side(coord: np.ndarray, color: np.ndarray, normal: np.ndarray, rgb: np.ndarray, voxel_size: float,
           prefix: str = "", voxel_feature: str = "mean") -> dict:
+    """One side's keys (SIDE_KEYS, with prefix): the voxelised points and the side's images."""
     feat = np.concatenate([color / 127.5 - 1.0, normal], axis=1)
     vox = T.voxelize(coord, feat, voxel_size, voxel_feature)
     return {prefix + "coord": vox["voxel_coord"], prefix + "feat": vox["voxel_feat"],
             prefix + "count": vox["voxel_count"], prefix + "inverse": vox["inverse"], prefix + "images": rgb}
+
+
+def unaugmented_side(scene: dict, cfg: Config, mode: str) -> dict:
+    """Eval / infer: the one un-augmented side; eval adds label and view_label (255 = ignore
+    where the dataset has no view labels)."""
+    out = _side(scene["coord"], scene["color"], scene["normal"], scene["images"], cfg.data.voxel_size,
+                voxel_feature=cfg.data.voxel_feature)
+    if mode == "eval":
+        if "label" not in scene:
+            raise SceneError(f"scene {_scene_name(scene)}: label: missing (eval mode needs ground truth)")
+        out["label"] = scene["label"]
+        out["view_label"] = scene["view_label"] if "view_label" in scene else \
+            np.full(scene["images"].shape[:3], 255, np.uint8)
+    return out
+
+
+def teacher_and_student(scene: dict, cfg: Config, rng: np.random.Generator) -> dict:
+    """Training: the teacher side (teacher_ keys, weak augmentation) and the student side (no
+    prefix, strong augmentation) of the same points in the same order, each voxelised on its
+    own; + mix_offset, where this scene goes when it is the second of a Mix3D pair."""
+    aug = cfg.augment
+    coord, color, normal, rgb = scene["coord"], scene["color"], scene["normal"], scene["images"]
+    t_color, t_coord, t_normal, t_rgb = color, coord, normal, rgb
+    s_color, s_coord, s_normal, s_rgb = color, coord, normal, rgb
+    if aug.enabled:
+        if aug.chromatic_teacher:
+            t_color = T.chromatic_augment(color, rng, aug)
+        t_coord, t_normal = T.augment_geometry(coord, normal, rng, aug, strong=False)
+        t_rgb = T.view_color_jitter(rgb, rng, aug.view_jitter_teacher)
+        s_color = T.chromatic_augment(t_color, rng, aug)  # on top of the teacher's, as the reference
+        s_coord, s_normal = T.augment_geometry(coord, normal, rng, aug, strong=True)
+        s_rgb = T.view_color_jitter(rgb, rng, aug.view_jitter_student)
+    out = {**_side(t_coord, t_color, t_normal, t_rgb, cfg.data.voxel_size, "teacher_", cfg.data.voxel_feature),
+           **_side(s_coord, s_color, s_normal, s_rgb, cfg.data.voxel_size, "", cfg.data.voxel_feature)}
+    # Drawn for every training sample, Mix3D or not: collate decides whether to use it.
+    shift = rng.uniform(-aug.mix3d_max_offset, aug.mix3d_max_offset, 2) / cfg.data.voxel_size
+    out["mix_offset"] = np.array([round(shift[0]), round(shift[1]), 0], np.int32)  # whole voxels in x and y
+    return out
 
 
 def make_sample(scene: dict, cfg: Config, rng: np.random.Generator, mode: str,
@@ -141,112 +323,17 @@ def make_sample(scene: dict, cfg: Config, rng: np.random.Generator, mode: str,
     valid view when data.num_views > 0.
     """
     _check_mode(mode)
-    sid = str(scene.get("scene_id", "<no scene_id>"))
-    if "coord" not in scene or len(scene["coord"]) == 0:
-        raise SceneError(f"scene {sid}: coord: scene has zero points")
-    if mode != "eval":
-        scene = {k: v for k, v in scene.items() if k not in ("label", "instance", "view_label")}
-    validate_scene(scene)
-    region_key, view_region_key = region_keys(cfg)
-    num_views = cfg.data.num_views
-    for key in ([region_key] if region_key else []) + ([view_region_key] if region_key and num_views else []):
-        if key not in scene:
-            raise SceneError(f"scene {sid}: {key}: region column missing (data.region_column = "
-                             f"{cfg.data.region_column!r}; scene has {sorted(scene)})")
-    train = mode == "train"
-    aug = cfg.augment
-    augment = train and aug.enabled
-    view_tags = scene["tags"].astype(np.float32)
-
+    scene = checked_scene(scene, cfg, mode)
     # View choice, removal and subsampling happen once, before the teacher/student split.
-    if views is None:
-        views = T.sample_views(scene, num_views, rng if train else None)
-    removed_world, full_world = None, scene["coord"]
-    if augment and region_key:
-        keep, tags = T.structures_to_remove(scene, region_key, tuple(class_names), rng, aug)
-        if keep is not None:
-            removed_world = ~keep
-            scene = {**T.select_points(scene, keep), "tags": tags}
-            if aug.removal_2d:
-                view_tags = tags.astype(np.float32)
-    n = scene["coord"].shape[0]
-    if train and cfg.data.max_points and n > cfg.data.max_points:
-        scene = T.select_points(scene, np.sort(rng.choice(n, cfg.data.max_points, replace=False)))
-        n = cfg.data.max_points
-
-    # Views at the network's resolution; links from the un-augmented world coordinates.
-    hw = (cfg.data.image_height, cfg.data.image_width)
-    world = scene["coord"]
-    rgb = np.zeros((len(views),) + hw + (3,), np.uint8)
-    view_region = np.full((len(views),) + hw, NO_REGION, np.int32)
-    view_label = np.zeros((len(views),) + hw, np.uint8)
-    # Pixels of removed structures leave the 2D pooling (augment.removal_2d), as their points left 3D.
-    view_valid = np.ones((len(views),) + hw, bool)
-    removed_tree = None
-    if removed_world is not None and aug.removal_2d and len(views):
-        removed_tree = cKDTree(full_world)
-    link_point, link_view, link_pixel = [], [], []
-    for j, i in enumerate(views):
-        src_hw = scene["view_rgb"].shape[1:3]
-        rgb[j] = T.resize_rgb(scene["view_rgb"][i], hw)
-        depth = T.resize_nearest(scene["view_depth"][i], hw)
-        K = T.resize_intrinsics(scene["view_intrinsics"][i], src_hw, hw)
-        p, px = link_points(world, depth, scene["view_pose"][i], K, cfg.data.voxel_size)
-        link_point.append(p)
-        link_view.append(np.full(p.shape, j, np.int64))
-        link_pixel.append(px)
-        if removed_tree is not None:
-            view_valid[j] = ~removed_pixel_mask(removed_tree, removed_world, depth, scene["view_pose"][i], K,
-                                                REMOVAL_PIXEL_DISTANCE)
-        if view_region_key:
-            view_region[j] = T.resize_nearest(scene[view_region_key][i], hw)
-        if mode == "eval" and "view_label" in scene:
-            view_label[j] = T.resize_nearest(scene["view_label"][i], hw)
-
-    region = scene[region_key].astype(np.int32) if region_key else np.full(n, NO_REGION, np.int32)
-    sample: dict[str, Any] = {
-        "scene_id": sid,
-        "mix3d": bool(train and aug.mix3d),
-        "tags": scene["tags"].astype(np.float32),
-        "view_tags": view_tags,
-        "region": region,
-        "view_region": view_region,
-        "view_valid": view_valid,
-        "link_point": np.concatenate(link_point) if link_point else np.zeros(0, np.int64),
-        "link_view": np.concatenate(link_view) if link_view else np.zeros(0, np.int64),
-        "link_pixel": np.concatenate(link_pixel) if link_pixel else np.zeros(0, np.int64),
-    }
-    if "pseudo_label" in scene:
-        sample["pseudo_label"] = scene["pseudo_label"]
-    coord = T.center(world.astype(np.float32))
-    color = scene["color"].astype(np.float32)
-    normal = scene["normal"].astype(np.float32) if "normal" in scene else np.zeros((n, 3), np.float32)
-    if not train:
-        sample.update(_side(coord, color, normal, rgb, cfg.data.voxel_size, voxel_feature=cfg.data.voxel_feature))
-        if mode == "eval":
-            if "label" not in scene:
-                raise SceneError(f"scene {sid}: label: missing (eval mode needs ground truth)")
-            sample["label"] = scene["label"]
-            sample["view_label"] = view_label if "view_label" in scene else np.full_like(view_label, 255)
-        return sample
-
-    # Teacher: weak augmentation. Student: strong augmentation of the same points, same order.
-    t_color, t_coord, t_normal, t_rgb = color, coord, normal, rgb
-    s_color, s_coord, s_normal, s_rgb = color, coord, normal, rgb
-    if augment:
-        if aug.chromatic_teacher:
-            t_color = T.chromatic_augment(color, rng, aug)
-        t_coord, t_normal = T.augment_geometry(coord, normal, rng, aug, strong=False)
-        t_rgb = T.view_color_jitter(rgb, rng, aug.view_jitter_teacher)
-        s_color = T.chromatic_augment(t_color, rng, aug)  # on top of the teacher's, as the reference
-        s_coord, s_normal = T.augment_geometry(coord, normal, rng, aug, strong=True)
-        s_rgb = T.view_color_jitter(rgb, rng, aug.view_jitter_student)
-    sample.update(_side(t_coord, t_color, t_normal, t_rgb, cfg.data.voxel_size, "teacher_", cfg.data.voxel_feature))
-    sample.update(_side(s_coord, s_color, s_normal, s_rgb, cfg.data.voxel_size, "", cfg.data.voxel_feature))
-    # Where this scene goes when it is the second of a Mix3D pair: whole voxels in x and y.
-    shift = rng.uniform(-aug.mix3d_max_offset, aug.mix3d_max_offset, 2) / cfg.data.voxel_size
-    sample["mix_offset"] = np.array([round(shift[0]), round(shift[1]), 0], np.int32)
-    return sample
+    scene = choose_views(scene, cfg, rng, mode, views)
+    scene = remove_structures(scene, cfg, rng, mode, class_names)
+    scene = subsample(scene, cfg, rng, mode)
+    scene = views_and_links(scene, cfg, mode)
+    scene = centred_points(scene)
+    sample = shared_keys(scene, cfg, mode)
+    if mode != "train":
+        return {**sample, **unaugmented_side(scene, cfg, mode)}
+    return {**sample, **teacher_and_student(scene, cfg, rng)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,17 +519,9 @@ def plan(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0, s
                        class_names=tuple(manifest.get("class_names", ())))
 
 
-def _batches(samples: Iterable[dict], batch_size: int) -> Iterator[dict]:
-    if batch_size <= 0:
-        raise PipelineError(f"batch_size must be > 0, got {batch_size}")
-    buf: list[dict] = []
-    for s in samples:
-        buf.append(s)
-        if len(buf) == batch_size:
-            yield collate(buf)
-            buf = []
-    if buf:
-        yield collate(buf)
+# --------------------------------------------------------------------------------------------
+# One shard -> one sample: the unit both loaders run
+# --------------------------------------------------------------------------------------------
 
 
 def sample_from_row(row: dict, columns: list[str], cfg: Config, mode: str, epoch: int, seed: int,
@@ -505,38 +584,49 @@ def _read_row(path: Path, columns: list[str]) -> dict:
     return table.to_pylist()[0]
 
 
-def iter_samples_from_plan(p: DatasetPlan, cfg: Config, epoch: int, seed: int) -> Iterator[dict]:
-    """Per-scene samples of the plan's shards (e.g. one rank's slice of plan(...).paths), in
-    order, computed in this process. epoch and seed must be the ones the plan was made with."""
-    for path in p.paths:
-        try:
-            yield sample_from_row(_read_row(path, p.read_columns), p.columns, cfg, p.mode, epoch, seed,
-                                  p.class_names)
-        except shards.ShardError as exc:
-            raise shards.ShardError(f"shard {path}: {exc}") from None
-
-
-def iter_batches_from_plan(p: DatasetPlan, cfg: Config, epoch: int, seed: int, batch_size: int) -> Iterator[dict]:
-    """Collated batches of the plan's shards in a plain Python loop."""
-    yield from _batches(iter_samples_from_plan(p, cfg, epoch, seed), batch_size)
-
-
-def iter_samples(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0,
-                 seed: int | None = None) -> Iterator[dict]:
-    """Per-scene samples of one pass, in epoch order, computed in this process."""
-    seed = cfg.seed if seed is None else seed
-    yield from iter_samples_from_plan(plan(root, split, cfg, mode, epoch, seed), cfg, epoch, seed)
-
-
-def iter_batches(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0, seed: int | None = None,
-                 batch_size: int | None = None) -> Iterator[dict]:
-    """Batches of one pass in a plain Python loop (batch_size defaults to optim.batch_size)."""
-    yield from _batches(iter_samples(root, split, cfg, mode, epoch, seed), batch_size or cfg.optim.batch_size)
+def read_sample(path: Path, p: DatasetPlan, cfg: Config, epoch: int, seed: int) -> dict:
+    """One shard of the plan -> its sample, in this process (read the plan's columns -> decode ->
+    make_sample); errors name the shard. epoch and seed must be the ones the plan was made with."""
+    try:
+        return sample_from_row(_read_row(path, p.read_columns), p.columns, cfg, p.mode, epoch, seed, p.class_names)
+    except shards.ShardError as exc:
+        raise shards.ShardError(f"shard {path}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------
-# Ray Data
+# A plan's batches, in this process or through Ray Data
 # --------------------------------------------------------------------------------------------
+
+LOADERS = ("local", "ray")
+
+
+def batches(p: DatasetPlan, cfg: Config, epoch: int, seed: int, batch_size: int,
+            loader: str = "local") -> Iterator[dict]:
+    """Collated batches (the BATCH CONTRACT) of the plan's shards, in the plan's order (e.g. one
+    rank's slice of plan(...).paths), grouping consecutive samples. loader "local" makes the
+    samples in this process; "ray" in Ray Data tasks, one per shard (Ray must be initialised;
+    a plan without shards is refused). Both give the same batches. epoch and seed must be the
+    ones the plan was made with."""
+    if loader not in LOADERS:
+        raise PipelineError(f"loader must be one of {list(LOADERS)}, got {loader!r}")
+    if loader == "ray":
+        samples = (from_ray_row(row) for row in ray_samples([(epoch, p)], cfg, seed).iter_rows())
+    else:
+        samples = (read_sample(path, p, cfg, epoch, seed) for path in p.paths)
+    return _collated(samples, batch_size)
+
+
+def _collated(samples: Iterable[dict], batch_size: int) -> Iterator[dict]:
+    if batch_size <= 0:
+        raise PipelineError(f"batch_size must be > 0, got {batch_size}")
+    buf: list[dict] = []
+    for s in samples:
+        buf.append(s)
+        if len(buf) == batch_size:
+            yield collate(buf)
+            buf = []
+    if buf:
+        yield collate(buf)
 
 
 def configure_ray_data(cfg: Config) -> None:
@@ -558,52 +648,31 @@ def configure_ray_data(cfg: Config) -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
 
-def ray_dataset(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0, seed: int | None = None):
-    """The per-scene part of the pipeline as a lazy ray.data.Dataset of samples, in epoch order:
-    one task per shard (read the needed columns -> sample_from_row: decode + make_sample). Batch
-    it with iter_batches_ray. Checks the dataset (plan) before Ray starts work."""
-    seed = cfg.seed if seed is None else seed
-    return ray_dataset_from_plan(plan(root, split, cfg, mode, epoch, seed), cfg, epoch, seed)
-
-
-def ray_dataset_from_plan(p: DatasetPlan, cfg: Config, epoch: int, seed: int):
-    """ray_dataset over the plan's shards (e.g. one rank's slice of plan(...).paths), in order.
-    epoch and seed must be the ones the plan was made with."""
-    return ray_dataset_from_plans([(epoch, p)], cfg, seed)
-
-
-def ray_dataset_from_plans(plans: list[tuple[int, DatasetPlan]], cfg: Config, seed: int):
-    """One Ray Data dataset over several passes: the samples of each (epoch, plan) in turn, each
-    made with its own epoch's random draws. Built from the plans' shard paths (from_items), so
-    there is no Parquet listing or footer scan per pass: every task reads its one-row shard
-    with the plain loop's reader and gives the plain loop's sample."""
+def ray_samples(passes: list[tuple[int, DatasetPlan]], cfg: Config, seed: int):
+    """A lazy ray.data.Dataset of the samples of one or more passes: the samples of each (epoch,
+    plan) in turn, in the plan's order, each made with its own epoch's random draws (batches(...,
+    loader="ray") and RayPassStream collate them; rayseg pseudo maps its labelling actors over
+    them). Built from the plans' shard paths (from_items), so there is no Parquet listing or
+    footer scan per pass: every task reads its one shard with read_sample, as the local loop."""
     import ray.data
 
-    for _, p in plans:
+    for _, p in passes:
         if not p.paths:
             raise PipelineError(f"{p.root}: the plan for split {p.split!r} has no shards")
-    if not plans:
+    if not passes:
         raise PipelineError("no passes to read")
     configure_ray_data(cfg)
-    items = [{"path": str(path), "pass": i} for i, (_, p) in enumerate(plans) for path in p.paths]
+    items = [{"path": str(path), "pass": i} for i, (_, p) in enumerate(passes) for path in p.paths]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map(functools.partial(_sample_from_item, plans=[(e, _plan_spec(p)) for e, p in plans], cfg=cfg,
-                                    seed=seed), num_cpus=cfg.ray.data_task_cpus)
+    # A task needs a plan's columns, not its path list: each reads the one path of its item.
+    specs = [(epoch, replace(p, paths=[], scene_ids=[])) for epoch, p in passes]
+    return ds.map(functools.partial(_sample_from_item, passes=specs, cfg=cfg, seed=seed),
+                  num_cpus=cfg.ray.data_task_cpus)
 
 
-def _plan_spec(p: DatasetPlan) -> dict:
-    """What a read task needs of a plan (not its path list: a task reads one given path)."""
-    return {"columns": p.columns, "read_columns": p.read_columns, "mode": p.mode, "class_names": p.class_names}
-
-
-def _sample_from_item(item: dict, plans: list[tuple[int, dict]], cfg: Config, seed: int) -> dict:
-    epoch, spec = plans[item["pass"]]
-    path = Path(item["path"])
-    try:
-        return sample_from_row(_read_row(path, spec["read_columns"]), spec["columns"], cfg, spec["mode"], epoch,
-                               seed, spec["class_names"])
-    except shards.ShardError as exc:
-        raise shards.ShardError(f"shard {path}: {exc}") from None
+def _sample_from_item(item: dict, passes: list[tuple[int, DatasetPlan]], cfg: Config, seed: int) -> dict:
+    epoch, p = passes[item["pass"]]
+    return read_sample(Path(item["path"]), p, cfg, epoch, seed)
 
 
 class RayPassStream:
@@ -626,7 +695,7 @@ class RayPassStream:
                 self._windows.append(window := [])
             window.append((epoch, p))
         self._counts = [(epoch, len(p.paths), w) for w, window in enumerate(self._windows) for epoch, p in window]
-        self._dataset = ray_dataset_from_plans(self._windows[0], cfg, seed)  # checks before any pass runs
+        self._dataset = ray_samples(self._windows[0], cfg, seed)  # checks before any pass runs
         self._window = 0
         self._rows: Iterator | None = None
         self._next = 0
@@ -639,10 +708,10 @@ class RayPassStream:
         self._next += 1
         if window != self._window:
             self._window, self._rows = window, None
-            self._dataset = ray_dataset_from_plans(self._windows[window], self._cfg, self._seed)
+            self._dataset = ray_samples(self._windows[window], self._cfg, self._seed)
         if self._rows is None:
             self._rows = iter(self._dataset.iter_rows())
-        yield from _batches((from_ray_row(next(self._rows)) for _ in range(count)), self._batch_size)
+        yield from _collated((from_ray_row(next(self._rows)) for _ in range(count)), self._batch_size)
 
 
 def from_ray_row(row: Any) -> dict:
@@ -653,15 +722,6 @@ def from_ray_row(row: Any) -> dict:
             v = v.item()
         out[k] = v
     return out
-
-
-def iter_batches_ray(data: Any, batch_size: int) -> Iterator[dict]:
-    """Collated batches (the BATCH CONTRACT) from a ray_dataset(...) Dataset or a Ray Train
-    dataset shard (anything with iter_rows), grouping consecutive samples."""
-    yield from _batches((from_ray_row(r) for r in data.iter_rows()), batch_size)
-
-
-_from_ray_row = from_ray_row  # the name rayseg/pseudo.py first used
 
 
 # --------------------------------------------------------------------------------------------
@@ -676,13 +736,11 @@ def stream(cfg: Config, split: str, mode: str, epoch: int = 0, use_ray: bool = F
 
     batch_size = cfg.optim.batch_size
     start = time.perf_counter()
-    if use_ray:
-        batches = iter_batches_ray(ray_dataset(cfg.data.root, split, cfg, mode, epoch), batch_size)
-    else:
-        batches = iter_batches(cfg.data.root, split, cfg, mode, epoch, batch_size=batch_size)
+    p = plan(cfg.data.root, split, cfg, mode, epoch, cfg.seed)
+    one_pass = batches(p, cfg, epoch, cfg.seed, batch_size, loader="ray" if use_ray else "local")
     totals = {"batches": 0, "scenes": 0, "points": 0, "links": 0}
     side = "teacher_" if mode == "train" else ""
-    for batch in batches:
+    for batch in one_pass:
         totals["batches"] += 1
         totals["scenes"] += len(batch[side + "scene_id"])
         totals["points"] += int(batch["inverse"].shape[0])

@@ -138,10 +138,7 @@ def iter_rank_batches(cfg: cfgmod.Config, split: str, mode: str, epoch: int, ran
     sub = rank_plan(cfg, split, mode, epoch, rank, world, limit)
     if not sub.paths:
         return
-    if cfg.data.loader == "ray":
-        yield from pipeline.iter_batches_ray(pipeline.ray_dataset_from_plan(sub, cfg, epoch, cfg.seed), batch_size)
-    else:
-        yield from pipeline.iter_batches_from_plan(sub, cfg, epoch, cfg.seed, batch_size)
+    yield from pipeline.batches(sub, cfg, epoch, cfg.seed, batch_size, loader=cfg.data.loader)
 
 
 def pixel_tags(view_tags: torch.Tensor, view_offset: torch.Tensor, hw: int) -> torch.Tensor:
