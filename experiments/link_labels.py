@@ -32,9 +32,8 @@ from rayseg import metrics as M
 from rayseg.config import replace as cfg_replace
 from rayseg.data import shards
 from rayseg.models.twobranch import TwoBranchModel
-from rayseg.train.checkpoint import load_state, run_checkpoint
 from rayseg.train.device import to_device
-from rayseg.train.launch import load_run
+from rayseg.train.launch import load_run_checkpoint
 from rayseg.train.loop import iter_rank_batches
 
 
@@ -69,16 +68,16 @@ def link_confusions(teacher: TwoBranchModel, cfg, split: str, num_classes: int) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", help="a training run directory (its config, and its last checkpoint by default)")
-    parser.add_argument("--checkpoint", default=None, help="a state.pt of this run")
+    parser.add_argument("--checkpoint", default=None, help="a state.pt of this run or its folder (e.g. the end of stage cmg)")
     parser.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = cfg_replace(load_run(args.run), **{"data.loader": "local"})
+    cfg, ckpt, state = load_run_checkpoint(args.run, args.checkpoint)
+    cfg = cfg_replace(cfg, **{"data.loader": "local"})
     class_names = tuple(shards.load_manifest(cfg.data.root)["class_names"])
     nc = len(class_names)
-    ckpt = run_checkpoint(args.run, args.checkpoint)
     teacher = TwoBranchModel(cfg.model, nc)
-    teacher.load_state_dict(load_state(ckpt)["teacher"])
+    teacher.load_state_dict(state["teacher"])
     conf = link_confusions(teacher, cfg, cfg.data.train_split, nc)
     present = (conf["3d"].sum(1) > 0).numpy()  # classes with GT links (the mIoU runs over these)
     iou = {k: np.nan_to_num(M.iou_per_class(c)) for k, c in conf.items()}

@@ -40,9 +40,8 @@ from rayseg.config import replace as cfg_replace
 from rayseg.data import shards
 from rayseg.data.scene import IGNORE_LABEL
 from rayseg.models.twobranch import TwoBranchModel
-from rayseg.train.checkpoint import load_state, run_checkpoint
 from rayseg.train.device import to_device
-from rayseg.train.launch import load_run
+from rayseg.train.launch import load_run_checkpoint
 from rayseg.train.loop import iter_rank_batches
 
 
@@ -129,16 +128,15 @@ def class_table(result: dict, own: str, class_names: tuple[str, ...]) -> list[di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", help="a training run directory (its config, and its last checkpoint by default)")
-    parser.add_argument("--checkpoint", default=None, help="a state.pt of this run (e.g. a copy of stage cmg's last)")
+    parser.add_argument("--checkpoint", default=None, help="a state.pt of this run or its folder (e.g. the end of stage cmg)")
     parser.add_argument("--eta", default="0.8,0.95", help="comma-separated fixed thresholds to compare")
     parser.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = cfg_replace(load_run(args.run), **{"data.loader": "local"})
+    cfg, ckpt, state = load_run_checkpoint(args.run, args.checkpoint)
+    cfg = cfg_replace(cfg, **{"data.loader": "local"})
     class_names = tuple(shards.load_manifest(cfg.data.root)["class_names"])
     nc = len(class_names)
-    ckpt = run_checkpoint(args.run, args.checkpoint)
-    state = load_state(ckpt)
     student, teacher = TwoBranchModel(cfg.model, nc), TwoBranchModel(cfg.model, nc)
     student.load_state_dict(state["student"])
     teacher.load_state_dict(state["teacher"])

@@ -179,7 +179,7 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
 
     # MLflow: a 'pseudo-label' pipeline run with a 'pseudo_label' stage run (launch.pseudo_label)
     summary = launch.pseudo_label(args.run, args.out, args.split, overwrite=args.overwrite,
-                                  evaluate=not args.no_eval)
+                                  evaluate=not args.no_eval, checkpoint=args.checkpoint)
     if summary["conf"] is not None:
         names = tuple(shards.load_manifest(launch.load_run(args.run).data.root)["class_names"])
         print(M.iou_table(summary["conf"], names,
@@ -501,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="training run directory")
     p.add_argument("--out", required=True, help="pseudo-label output folder")
     p.add_argument("--split", default=None, help="split to label (default data.train_split)")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="label with this checkpoint of the run (a state.pt or its folder under RUN/checkpoints/, "
+                        "e.g. the end of stage cmg; default: the newest)")
     p.add_argument("--no-eval", action="store_true", help="skip the mIoU-vs-GT report")
     p.add_argument("--overwrite", action="store_true",
                    help="relabel a folder that holds labels of another checkpoint or settings (default: refused)")

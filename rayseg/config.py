@@ -321,9 +321,10 @@ class ModelConfig:
 class GuidanceConfig:
     """Cross-modal guidance (Table 3). 3D->2D uses proj2d against detached 3D features."""
 
-    loss_3d: Literal["contrastive", "mse", "affinity", "cam", "none"] = "contrastive"
-    """Guidance loss on the 3D branch (2D teaches 3D); 'none' disables Lcon3D."""
-    loss_2d: Literal["contrastive", "mse", "affinity", "cam", "none"] = "contrastive"
+    loss_3d: Literal["contrastive", "mse", "affinity", "cam", "fused", "none"] = "contrastive"
+    """Guidance loss on the 3D branch (2D teaches 3D); 'none' disables Lcon3D. 'fused' is not in
+    the paper: 'cam' with both branches' averaged probabilities as the target (losses.fused_guidance)."""
+    loss_2d: Literal["contrastive", "mse", "affinity", "cam", "fused", "none"] = "contrastive"
     """Guidance loss on the 2D branch (3D teaches 2D); 'none' disables Lcon2D."""
     alpha: float = 0.05
     """Weight of both guidance losses."""

@@ -27,15 +27,14 @@ def load_checkpoint(run_dir: Path) -> dict:
 @torch.no_grad()
 def evaluate_run(run_dir: str | Path, split: str | None = None, log: bool = True) -> dict:
     """Returns {"3d": confusion, "2d": confusion or None, "class_names": ..., "tables": str}."""
-    from rayseg.train.launch import load_run
+    from rayseg.train.launch import load_run_checkpoint
     from rayseg.train.device import to_device
     from rayseg.train.loop import build_models, iter_rank_batches
     from rayseg.train.stages import stage_config
     from rayseg.train.tracking import Tracker
 
     run_dir = Path(run_dir).resolve()
-    cfg = load_run(run_dir)
-    state = load_checkpoint(run_dir)
+    cfg, _, state = load_run_checkpoint(run_dir)
     stages = state["stages"]
     class_names = tuple(state["class_names"])
     num_classes = len(class_names)

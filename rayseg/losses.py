@@ -421,7 +421,17 @@ def cam_guidance(logits: torch.Tensor, target_logits: torch.Tensor, pair_tags: t
     return F.cross_entropy(logits.float(), target)
 
 
-GUIDANCE_VARIANTS = ("contrastive", "mse", "affinity", "cam")
+def fused_guidance(logits: torch.Tensor, target_logits: torch.Tensor, pair_tags: torch.Tensor) -> torch.Tensor:
+    """Not in the paper (rayseg's variant): like 'cam', but the target at each pair is the argmax
+    of both branches' masked softmax averaged (both detached), so a class only the other branch
+    sees is taught where it is more confident than this branch, and a class this branch sees but
+    the other never does is not overwritten (measured: 'cam' 2D -> 3D erased curtain, which the 2D
+    branch never labels). Cross-entropy of this branch's logits (P, C), averaged over the pairs."""
+    both = masked_softmax(logits.detach(), pair_tags) + masked_softmax(target_logits.detach(), pair_tags)
+    return F.cross_entropy(logits.float(), both.argmax(dim=1))
+
+
+GUIDANCE_VARIANTS = ("contrastive", "mse", "affinity", "cam", "fused")
 
 
 def guidance_inputs(variant: str, rows: torch.Tensor, *, feat: torch.Tensor, other_feat: torch.Tensor,
@@ -435,7 +445,7 @@ def guidance_inputs(variant: str, rows: torch.Tensor, *, feat: torch.Tensor, oth
         return {"query": project(feat[rows]), "target": other_feat[rows]}
     if variant == "affinity":
         return {"query": feat[rows], "target": other_feat[rows]}
-    if variant == "cam":
+    if variant in ("cam", "fused"):
         return {"logits": logits[rows], "target_logits": other_logits[rows], "pair_tags": pair_tags[rows]}
     raise ValueError(f"unknown guidance variant {variant!r} (choose from {', '.join(GUIDANCE_VARIANTS)})")
 
@@ -455,8 +465,8 @@ def guidance_loss(variant: str, pair_offset: torch.Tensor, *, query: torch.Tenso
       target = the other branch's raw features at the pairs (P, D_other), detached here.
     - 'affinity': query = this branch's features at the pairs, target = the other branch's raw
       features at the pairs (detached here); widths may differ.
-    - 'cam': logits = this branch's class logits at the pairs (P, C), target_logits = the other
-      branch's logits at the pairs (detached here), pair_tags = the pairs' scene tags (P, C).
+    - 'cam', 'fused': logits = this branch's class logits at the pairs (P, C), target_logits = the
+      other branch's logits at the pairs (detached here), pair_tags = the pairs' scene tags (P, C).
     Query/target features are L2-normalised here. With no pair at all the result is a zero that
     keeps the graph (so DDP sees every parameter used)."""
     if variant in ("contrastive", "mse", "affinity"):
@@ -465,9 +475,9 @@ def guidance_loss(variant: str, pair_offset: torch.Tensor, *, query: torch.Tenso
         if query.shape[0] != target.shape[0]:
             raise ValueError(f"guidance {variant!r}: query has {query.shape[0]} rows, target {target.shape[0]}")
         anchor = query
-    elif variant == "cam":
+    elif variant in ("cam", "fused"):
         if logits is None or target_logits is None or pair_tags is None:
-            raise ValueError("guidance 'cam' needs logits, target_logits and pair_tags")
+            raise ValueError(f"guidance {variant!r} needs logits, target_logits and pair_tags")
         anchor = logits
     else:
         raise ValueError(f"unknown guidance variant {variant!r} (choose from {', '.join(GUIDANCE_VARIANTS)})")
@@ -488,8 +498,10 @@ def guidance_loss(variant: str, pair_offset: torch.Tensor, *, query: torch.Tenso
             per_scene.append(mse_guidance(query[rows], target[rows]))
         elif variant == "affinity":
             per_scene.append(affinity_guidance(query[rows], target[rows]))
-        else:
+        elif variant == "cam":
             per_scene.append(cam_guidance(logits[rows], target_logits[rows], pair_tags[rows]))
+        else:
+            per_scene.append(fused_guidance(logits[rows], target_logits[rows], pair_tags[rows]))
     if not per_scene:
         return anchor.sum() * 0.0
     return torch.stack(per_scene).sum() if reduction == "sum" else torch.stack(per_scene).mean()

@@ -125,23 +125,21 @@ class TeacherLabeler:
 
 
 def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None = None,
-                       overwrite: bool = False) -> dict:
-    """Label every scene of the split that is not labelled yet by this checkpoint and these
-    settings (resumable). A folder holding labels of another checkpoint or settings is refused
+                       overwrite: bool = False, checkpoint: str | Path | None = None) -> dict:
+    """Label every scene of the split that is not labelled yet by this checkpoint (`checkpoint`,
+    e.g. the end of stage cmg; default the run's newest) and these settings (resumable). A folder holding labels of another checkpoint or settings is refused
     (PseudoLabelError naming what differs) unless ``overwrite``, which relabels those scenes.
     Returns a summary."""
     import ray
 
     from rayseg.data import pipeline, shards
     from rayseg.train.launch import init_ray, load_run
-    from rayseg.train.checkpoint import latest_checkpoint
+    from rayseg.train.checkpoint import run_checkpoint
 
     run_dir = Path(run_dir).resolve()
     cfg = load_run(run_dir)
     split = split or cfg.data.train_split
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint (train the run first)")
+    ckpt = run_checkpoint(run_dir, checkpoint).resolve()
     out = Path(out).resolve()
     cfg = cfgmod.replace(cfg, **{"data.num_views": 0})  # 3D pseudo-labels need no images
     shards.scene_paths(cfg.data.root, split)  # missing / truncated shards named before Ray reads them
@@ -174,8 +172,7 @@ def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None =
         import ray.data
 
         init_ray(cfg)
-        sub = pipeline.DatasetPlan(**{**p.__dict__, "paths": todo, "scene_ids": [x.stem for x in todo]})
-        ds = pipeline.ray_samples([(0, sub)], cfg, cfg.seed)
+        ds = pipeline.ray_samples([(0, p.only(todo))], cfg, cfg.seed)
         ds = ds.map(TeacherLabeler, fn_constructor_kwargs=dict(
             checkpoint=str(ckpt), flat_config=cfgmod.flatten(cfgmod.to_dict(cfg)),
             num_classes=len(p.class_names), out=str(out), split=split, source=source),

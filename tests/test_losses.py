@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rayseg import losses
 from rayseg.config import LossConfig, GuidanceConfig, RPCConfig
@@ -342,6 +343,20 @@ def test_mse_affinity_cam_hand_examples():
     assert cam.item() == pytest.approx(expected, rel=1e-6)
     cam.backward()
     assert other.grad is None and logits.grad is not None
+    # fused: argmax over the tagged classes {0, 2} of both masked softmaxes summed. Row 0: both
+    # branches say 2 (p 0.73) -> 2; row 1: this branch 0 or 2 evenly (p 0.5 each), the other 0
+    # (p 0.73) -> 0; row 2: this branch 2 (p 0.98), the other 0 (p 0.62) -> 2, where cam says 0.
+    fused_logits = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0], [0.0, 0.0, 4.0]], requires_grad=True)
+    fused_other = torch.tensor([[0.0, 5.0, 1.0], [2.0, 0.0, 1.0], [0.5, 0.0, 0.0]])
+    fused_tags = torch.ones(3, 3)
+    fused_tags[:, 1] = 0
+    fused = losses.fused_guidance(fused_logits, fused_other, fused_tags)
+    expected = F.cross_entropy(fused_logits.detach(), torch.tensor([2, 0, 2]))
+    assert fused.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses.cam_guidance(fused_logits, fused_other, fused_tags).item() == pytest.approx(
+        F.cross_entropy(fused_logits.detach(), torch.tensor([2, 0, 0])).item(), rel=1e-6)  # cam: row 2 -> 0
+    fused.backward()
+    assert fused_logits.grad is not None
 
 
 def test_guidance_loss_dispatch_and_errors():

@@ -252,6 +252,17 @@ def test_named_errors(dataset, tmp_path):
         P.make_sample(no_region, small_config(), np.random.default_rng(0), "train", SCANNET20)
 
 
+def test_a_plan_restricted_to_some_shards_keeps_their_scene_ids(dataset, tmp_path):
+    p = P.plan(dataset, "train", small_config(), "train", epoch=0, seed=3)
+    some = p.paths[::-2]
+    sub = p.only(some)
+    assert sub.paths == some and sub.columns == p.columns and sub.class_names == p.class_names
+    assert sub.scene_ids == [p.scene_ids[p.paths.index(x)] for x in some]
+    assert p.only([]).paths == [] and p.only([]).scene_ids == []
+    with pytest.raises(P.PipelineError, match="not shards of this plan's split 'train'"):
+        p.only([tmp_path / "elsewhere.parquet"])
+
+
 def test_wall_removal_and_no_views(dataset):
     cfg = small_config(**{"augment.remove_wall_p": 1.0, "data.num_views": 0, "augment.mix3d": False})
     batch = next(plan_batches(dataset, "train", cfg, "train", batch_size=2))

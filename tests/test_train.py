@@ -409,6 +409,44 @@ def test_pseudo_labels_of_another_checkpoint_are_refused_or_redone(tiny, tmp_pat
         pseudo.make_pseudo_labels(run_b, out)  # refused, not silently kept
 
 
+def test_pseudo_labels_from_a_chosen_checkpoint(tiny, tmp_path, capsys):
+    """`pseudo-label RUN --checkpoint CKPT` labels with an earlier checkpoint of the run (e.g. the
+    end of stage cmg): the same labels as a run holding only that checkpoint, recorded as such in
+    pseudo.json and MLflow; a wrong path is one line naming it."""
+    import shutil
+
+    from rayseg import cli
+    from rayseg.data import pseudo_store
+
+    cfg, _ = tiny
+    run = _untrained_run(cfg, 3)
+    early = run / "checkpoints" / "000000004-cmg_rpc-e0001"
+    alone = launch.pseudo_label(run, tmp_path / "alone", evaluate=False)  # the run holds only `early`
+    later = run / "checkpoints" / "000000008-cmg_rpc-e0002"
+    shutil.copytree(_untrained_run(cfg, 4) / "checkpoints" / early.name, later)
+
+    newest = launch.pseudo_label(run, tmp_path / "newest", evaluate=False)
+    assert newest["source"] != alone["source"]
+    assert cli.main(["pseudo-label", str(run), "--out", str(tmp_path / "chosen"), "--checkpoint", str(early),
+                     "--no-eval"]) == 0
+    meta = pseudo_store.read_meta(tmp_path / "chosen")
+    assert meta["source"] == alone["source"] and meta["checkpoint"]["step"] == 4 and meta["complete"]
+    for path in sorted((tmp_path / "alone" / "train").glob("*.parquet")):
+        np.testing.assert_array_equal(pseudo_store.read_pseudo(path),
+                                      pseudo_store.read_pseudo(tmp_path / "chosen" / "train" / path.name))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path(cfg.tracking.runs_dir).resolve() / 'mlflow.db'}")
+    stage_runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                                    f"tags.`rayseg.pseudo_labels` = '{(tmp_path / 'chosen').resolve()}'")
+    assert [r.data.tags["rayseg.teacher_checkpoint"] for r in stage_runs] == [early.name]
+
+    capsys.readouterr()
+    assert cli.main(["pseudo-label", str(run), "--out", str(tmp_path / "x"), "--checkpoint",
+                     str(run / "checkpoints" / "nowhere"), "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "nowhere" in err and "state.pt" in err
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
 def test_fresh_run_failing_early_is_marked_failed(tiny, tmp_path, capsys):
     """Issue 18: a fresh run whose first step after the MLflow run starts (the tag-prior line over
     the train tags) fails stayed RUNNING in MLflow; it must read FAILED. And the data error, raised

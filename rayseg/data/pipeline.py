@@ -470,6 +470,16 @@ class DatasetPlan:
     read_columns: list[str]
     class_names: tuple[str, ...]
 
+    def only(self, paths: Iterable[Path]) -> DatasetPlan:
+        """This plan restricted to some of its shards, in the given order (a rank's share, the
+        scenes still to label, or none: a pass's columns without its path list)."""
+        ids = dict(zip(self.paths, self.scene_ids))
+        paths = list(paths)
+        unknown = [str(x) for x in paths if x not in ids]
+        if unknown:
+            raise PipelineError(f"{self.root}: {unknown[:3]} are not shards of this plan's split {self.split!r}")
+        return replace(self, paths=paths, scene_ids=[ids[x] for x in paths])
+
 
 def plan(root: str | Path, split: str, cfg: Config, mode: str, epoch: int = 0, seed: int | None = None) -> DatasetPlan:
     """Check the dataset can feed this mode and list what to read, in epoch order.
@@ -665,7 +675,7 @@ def ray_samples(passes: list[tuple[int, DatasetPlan]], cfg: Config, seed: int):
     items = [{"path": str(path), "pass": i} for i, (_, p) in enumerate(passes) for path in p.paths]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # A task needs a plan's columns, not its path list: each reads the one path of its item.
-    specs = [(epoch, replace(p, paths=[], scene_ids=[])) for epoch, p in passes]
+    specs = [(epoch, p.only([])) for epoch, p in passes]
     return ds.map(functools.partial(_sample_from_item, passes=specs, cfg=cfg, seed=seed),
                   num_cpus=cfg.ray.data_task_cpus)
 

@@ -50,12 +50,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def run_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """The checkpoint a reader of a run uses: `checkpoint` when given (e.g. an earlier stage's
-    state.pt), else the run's latest. FileNotFoundError naming the run or file when there is none."""
+    """The checkpoint a reader of a run uses: `checkpoint` when given (an earlier stage's
+    state.pt, or its folder <run>/checkpoints/<step>-<stage>-e<epoch>), else the run's latest.
+    FileNotFoundError naming the run or file when there is none."""
     if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"{checkpoint}: no such checkpoint file")
-        return Path(checkpoint)
+        path = Path(checkpoint)
+        if path.is_dir():
+            path = path / CHECKPOINT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{checkpoint}: no such checkpoint file (give a {CHECKPOINT_FILE} or "
+                                    f"the folder holding it, e.g. one of {Path(run_dir) / 'checkpoints'}/*)")
+        return path
     path = latest_checkpoint(Path(run_dir))
     if path is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint found under checkpoints/")

@@ -85,6 +85,16 @@ def load_run(run_dir: str | Path) -> cfgmod.Config:
     return cfgmod.load(path).config
 
 
+def load_run_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[cfgmod.Config, Path, dict]:
+    """What a reader of a trained run starts from: its config, the checkpoint it reads
+    (`checkpoint`, default the run's newest; checkpoint.run_checkpoint) and that checkpoint's state."""
+    from rayseg.train.checkpoint import load_state, run_checkpoint
+
+    cfg = load_run(run_dir)
+    ckpt = run_checkpoint(run_dir, checkpoint)
+    return cfg, ckpt, load_state(ckpt)
+
+
 def fit(cfg: cfgmod.Config, run_dir: Path, stages: list[str], parent_run_id: str | None = None,
         callbacks: list | None = None, step_offset: int = 0) -> dict:
     """Run the stages in a TorchTrainer (num_workers 0 = Ray Train local mode, same process).
@@ -303,22 +313,25 @@ def _link_teacher(cfg: cfgmod.Config, run_id: str | None, train_dir: Path | None
 
 
 def pseudo_label(run_dir: str | Path, out: str | Path, split: str | None = None, *, overwrite: bool = False,
-                 parent_run_id: str | None = None, evaluate: bool = True) -> dict:
+                 parent_run_id: str | None = None, evaluate: bool = True,
+                 checkpoint: str | Path | None = None) -> dict:
     """`rayseg pseudo-label` with MLflow: a 'pseudo-label' pipeline run (or, given parent_run_id,
     a stage run directly under it) whose 'pseudo_label' stage run has the teacher model as input
-    and, with `evaluate`, the labels' mIoU against GT (evaluation only) at the teacher's last
-    step. Returns make_pseudo_labels' summary + "conf" (3D confusion or None), "run_id" (the
+    and, with `evaluate`, the labels' mIoU against GT (evaluation only) at the step of the
+    checkpoint that labels (`checkpoint`, default the run's newest). Returns make_pseudo_labels' summary + "conf" (3D confusion or None), "run_id" (the
     stage run), "pipeline_run_id"."""
     from rayseg.data import shards
     from rayseg.pseudo import evaluate_pseudo_labels, make_pseudo_labels
     from rayseg.train import tracking
-    from rayseg.train.loop import latest_checkpoint
+    from rayseg.train.checkpoint import latest_checkpoint, run_checkpoint
 
     run_dir = Path(run_dir).resolve()
     out = Path(out).resolve()
     cfg = load_run(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    step = checkpoint_step(ckpt) if ckpt else 0
+    ckpt = run_checkpoint(run_dir, checkpoint).resolve()  # a named error before any MLflow run opens
+    step = checkpoint_step(ckpt)
+    latest = latest_checkpoint(run_dir)
+    newest = latest is not None and ckpt == latest.resolve()
     own = parent_run_id is None
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:  # relabelling: new MLflow runs, not the old labels' ones
@@ -326,11 +339,13 @@ def pseudo_label(run_dir: str | Path, out: str | Path, split: str | None = None,
     pipeline = tracking.open_pipeline(cfg, out, "pseudo-label", parent_run_id=parent_run_id, own_run=own,
                                       run_name=f"pseudo-label-{run_dir.name}")
     tracker = tracking.stage_tracker(cfg, out, "pseudo_label", parent_run_id=pipeline, step_offset=step,
-                                     tags={"rayseg.teacher_run_dir": str(run_dir), "rayseg.pseudo_labels": str(out)})
+                                     tags={"rayseg.teacher_run_dir": str(run_dir), "rayseg.pseudo_labels": str(out),
+                                           "rayseg.teacher_checkpoint": ckpt.parent.name})
     conf = None
     try:
-        _link_teacher(cfg, tracker.run_id, run_dir)
-        summary = make_pseudo_labels(run_dir, out, split, overwrite=overwrite)
+        if newest:  # the run's logged teacher is its newest checkpoint; an earlier one has no logged model
+            _link_teacher(cfg, tracker.run_id, run_dir)
+        summary = make_pseudo_labels(run_dir, out, split, overwrite=overwrite, checkpoint=checkpoint)
         tracker.log_metrics({"stage": tracking.STAGE_INDEX["pseudo_label"], "scenes": summary.get("scenes", 0),
                              "labelled": summary.get("labelled", 0)}, 0)
         if evaluate:

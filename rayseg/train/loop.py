@@ -98,8 +98,7 @@ def rank_plan(cfg: cfgmod.Config, split: str, mode: str, epoch: int, rank: int, 
     """The plan of this rank's scenes for one pass (its paths may be empty)."""
     p = pipeline.plan(cfg.data.root, split, cfg, mode, epoch, cfg.seed)
     paths = p.paths if limit is None else p.paths[:limit]
-    mine = rank_paths(paths, rank, world, drop_last=(mode == "train"))
-    return pipeline.DatasetPlan(**{**p.__dict__, "paths": mine, "scene_ids": [x.stem for x in mine]})
+    return p.only(rank_paths(paths, rank, world, drop_last=(mode == "train")))
 
 
 def train_pass_stream(cfg: cfgmod.Config, data_epochs: list[int], rank: int, world: int,
