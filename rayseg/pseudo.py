@@ -127,9 +127,9 @@ class TeacherLabeler:
 def make_pseudo_labels(run_dir: str | Path, out: str | Path, split: str | None = None,
                        overwrite: bool = False, checkpoint: str | Path | None = None) -> dict:
     """Label every scene of the split that is not labelled yet by this checkpoint (`checkpoint`,
-    e.g. the end of stage cmg; default the run's newest) and these settings (resumable). A folder holding labels of another checkpoint or settings is refused
-    (PseudoLabelError naming what differs) unless ``overwrite``, which relabels those scenes.
-    Returns a summary."""
+    e.g. the end of stage cmg; default the run's newest) and these settings (resumable). A
+    folder holding labels of another checkpoint or settings is refused (PseudoLabelError naming
+    what differs) unless ``overwrite``, which relabels those scenes. Returns a summary."""
     import ray
 
     from rayseg.data import pipeline, shards

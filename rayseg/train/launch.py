@@ -318,8 +318,8 @@ def pseudo_label(run_dir: str | Path, out: str | Path, split: str | None = None,
     """`rayseg pseudo-label` with MLflow: a 'pseudo-label' pipeline run (or, given parent_run_id,
     a stage run directly under it) whose 'pseudo_label' stage run has the teacher model as input
     and, with `evaluate`, the labels' mIoU against GT (evaluation only) at the step of the
-    checkpoint that labels (`checkpoint`, default the run's newest). Returns make_pseudo_labels' summary + "conf" (3D confusion or None), "run_id" (the
-    stage run), "pipeline_run_id"."""
+    checkpoint that labels (`checkpoint`, default the run's newest). Returns make_pseudo_labels'
+    summary + "conf" (3D confusion or None), "run_id" (the stage run), "pipeline_run_id"."""
     from rayseg.data import shards
     from rayseg.pseudo import evaluate_pseudo_labels, make_pseudo_labels
     from rayseg.train import tracking
