@@ -345,7 +345,7 @@ def pseudo_label(run_dir: str | Path, out: str | Path, split: str | None = None,
     try:
         if newest:  # the run's logged teacher is its newest checkpoint; an earlier one has no logged model
             _link_teacher(cfg, tracker.run_id, run_dir)
-        summary = make_pseudo_labels(run_dir, out, split, overwrite=overwrite, checkpoint=checkpoint)
+        summary = make_pseudo_labels(run_dir, out, split, overwrite=overwrite, checkpoint=ckpt)  # the one resolved above
         tracker.log_metrics({"stage": tracking.STAGE_INDEX["pseudo_label"], "scenes": summary.get("scenes", 0),
                              "labelled": summary.get("labelled", 0)}, 0)
         if evaluate:
