@@ -234,6 +234,10 @@ def test_tune_job_on_a_local_head(tmp_path):
     assert parent.info.status == "FINISHED" and parent.data.tags["rayseg.sweep"] == "jobsweep"
     assert {k for k in parent.data.params if k.startswith("trial/")} == {"trial/000", "trial/001"}
     children = [r for r in runs_found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    # a trial Tune retried (tune.max_failures) leaves its dead attempt's run superseded and KILLED
+    superseded = [r for r in children if r.data.tags.get("rayseg.superseded") == "true"]
+    assert all(r.info.status == "KILLED" for r in superseded), out[-4000:]
+    children = [r for r in children if r.data.tags.get("rayseg.superseded") != "true"]
     assert sorted(r.data.params["loss.rpc.eta"] for r in children) == ["0.5", "0.8"], out[-4000:]
     for child in children:
         assert child.info.status == "FINISHED"

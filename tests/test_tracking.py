@@ -209,3 +209,34 @@ def test_a_fresh_store_opened_by_four_processes_at_once(tmp_path):
     assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1  # one experiment, the same id
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
     assert [e.name for e in client.search_experiments() if e.name == "race"] == ["race"]
+
+
+def test_a_run_logging_a_dataset_another_run_inserts_at_the_same_moment(tmp_path):
+    """Two Tune trials open their runs at once: MLflow's SQL store checks that the dataset is
+    new, the other trial inserts it, and this insert fails on the unique constraint. The
+    interleaving is made exact here: a SQLAlchemy hook lets a second, independent client log the
+    same dataset just before the first client's INSERT INTO datasets runs."""
+    import sqlalchemy
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"scenes": ["a"]}))
+    cfg = cfgmod.replace(cfgmod.Config(), **{"tracking.runs_dir": str(tmp_path / "runs"), "tracking.experiment": "race"})
+    first, second = tracking.client_for(cfg), tracking.client_for(cfg)
+    exp = tracking.experiment_id(first, cfg)
+    run_a, run_b = (first.create_run(exp).info.run_id for _ in range(2))
+    raced = []
+
+    def other_trial_first(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO DATASETS") and not raced:
+            raced.append(statement)
+            tracking.log_dataset(second, run_b, data, "train")  # commits on its own connection
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", other_trial_first)
+    try:
+        tracking.log_dataset(first, run_a, data, "train")
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", other_trial_first)
+    assert raced, "the hook never saw MLflow insert the dataset: the race was not reproduced"
+    digests = {run: [i.dataset.digest for i in first.get_run(run).inputs.dataset_inputs] for run in (run_a, run_b)}
+    assert digests[run_a] == digests[run_b] == [tracking.manifest_digest(data)]

@@ -181,8 +181,21 @@ def log_dataset(client, run_id: str, root: str | Path, context: str, name: str |
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(root))
     dataset = MetaDataset(source=source, name=name or root.name, digest=digest)
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                     tags=[InputTag("mlflow.data.context", context)])])
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except Exception as exc:  # noqa: BLE001 - MLflow wraps the database's error in its own
+        if not _lost_dataset_race(exc):
+            raise
+        # Another run (e.g. a Tune trial opening its run at the same moment) inserted this dataset
+        # between MLflow's check and its insert; the transaction rolled back and the row exists
+        # now, so the second attempt links the run to it.
+        client.log_inputs(run_id, datasets=inputs)
+
+
+def _lost_dataset_race(exc: BaseException) -> bool:
+    """Whether exc is the SQL store's unique-constraint failure on its datasets table."""
+    return type(exc.__cause__).__name__ == "IntegrityError" and "datasets" in str(exc.__cause__)
 
 
 class Tracker:
