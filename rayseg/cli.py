@@ -493,9 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="stages cmg -> cmg_rpc (teacher-student) on Ray Train")
     _add_config_args(p, required=False)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
-    p.add_argument("--from", dest="branch_from", metavar="RUN_DIR",
+    p.add_argument("--from", dest="branch_from", metavar="RUN_DIR|CHECKPOINT",
                    help="a new run that starts at stage cmg_rpc from RUN_DIR's finished stage cmg (every "
-                        "setting acting in stage cmg must equal this config's; checked)")
+                        "setting acting in stage cmg must equal this config's; checked), or from any stage "
+                        "cmg / cmg_rpc CHECKPOINT folder of a run (a chained schedule: settings may differ, "
+                        "and those that do are recorded)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("pseudo-label", help="EMA teacher -> pseudo-label shards (Ray Data, resumable)")
     p.add_argument("run", help="training run directory")

@@ -4,6 +4,7 @@ pseudo-labels, stage seg, evaluation, tracking."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -562,3 +563,52 @@ def test_best_on_val_stage2_init_is_an_oracle_option(tiny):
     assert not any("oracle_val_miou_3d" in h for h in history if h["stage"] == "cmg_rpc")
     client, run, _ = mlflow_run(cfg, run_dir)
     assert run.data.tags["rayseg.oracle"] == "true"
+
+
+def test_continue_from_any_checkpoint_with_other_settings(tiny, tmp_path):
+    """`rayseg train --from CHECKPOINT`: a chained schedule. From the source's stage-cmg checkpoint
+    with the source's own settings it is the same computation as `--from RUN` (and as the source);
+    from a later checkpoint and with other settings (stage cmg_rpc after stage cmg_rpc, RPC
+    switched on) it starts at that step with the source's weights, trains one more stage cmg_rpc,
+    and records the settings that differ; bad paths are one clear error."""
+    from rayseg.train.checkpoint import checkpoints
+    from rayseg.train.tracking import client_for, read_record
+
+    cfg, _ = tiny
+    cfg = cfgmod.replace(cfg, **{"optim.cmg_epochs": 2, "optim.cmg_rpc_epochs": 1, "data.monitor_scenes": 0,
+                                 "loss.rpc.enabled_3d": False, "loss.rpc.enabled_2d": False,
+                                 "tracking.runs_dir": str(tmp_path / "runs")})
+    source = launch.train(cfg)
+    cmg_end, last = (p.parent for p in checkpoints(source))
+    ref = torch.load(last / "state.pt", weights_only=False)
+
+    same = launch.train(cfg, branch_from=str(cmg_end))
+    got = torch.load(latest_checkpoint(same), weights_only=False)
+    assert got["progress"]["step"] == ref["progress"]["step"]
+    torch.testing.assert_close(_state_vector(got), _state_vector(ref), rtol=1e-4, atol=1e-5)
+    assert json.loads((same / launch.BRANCH_FILE).read_text())["settings_differ"] == {}
+
+    rpc = cfgmod.replace(cfg, **{"loss.rpc.enabled_3d": True, "loss.guidance.alpha": 0.5})
+    chained = launch.train(rpc, branch_from=str(last))
+    names = [p.parent.name for p in checkpoints(chained)]
+    per_stage = ref["progress"]["step"] - int(cmg_end.name.split("-")[0])  # one cmg_rpc epoch of steps
+    assert names[0].startswith(f"{ref['progress']['step']:09d}-cmg_rpc-e0000")
+    start = torch.load(chained / "checkpoints" / names[0] / "state.pt", weights_only=False)
+    torch.testing.assert_close(_state_vector(start), _state_vector(ref))  # the source's weights, unchanged
+    end = torch.load(latest_checkpoint(chained), weights_only=False)
+    assert end["progress"]["step"] == ref["progress"]["step"] + per_stage
+    assert not torch.allclose(_state_vector(end), _state_vector(ref))
+    record = json.loads((chained / launch.BRANCH_FILE).read_text())
+    assert record["continued"] and record["checkpoint"] == str(last)
+    assert set(record["settings_differ"]) == {"loss.rpc.enabled_3d", "loss.guidance.alpha"}
+    assert record["settings_differ"]["loss.guidance.alpha"] == {"here": 0.5, "source": cfg.loss.guidance.alpha}
+    pipeline = client_for(cfg).get_run(read_record(chained)["pipeline_run_id"])
+    assert pipeline.data.tags[launch.TAG_CONTINUED_FROM] == str(last)
+    assert pipeline.data.tags[launch.TAG_SETTINGS_DIFFER] == "loss.guidance.alpha, loss.rpc.enabled_3d"
+    stage_runs = read_record(chained)["stage_runs"]
+    assert set(stage_runs) == {"cmg_rpc"}  # no stage cmg run: it counts as done
+
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        launch.train(rpc, branch_from=str(source / "checkpoints" / "000000099-cmg-e0009" / "state.pt"))
+    with pytest.raises(cfgmod.ConfigError, match="give its checkpoint"):
+        launch.train(rpc, branch_from=str(source))  # a run: strict, and the message names the way out

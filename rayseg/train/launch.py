@@ -143,11 +143,14 @@ def train(cfg: cfgmod.Config, resume: str | None = None, parent_run_id: str | No
           branch_from: str | None = None) -> Path:
     """Stages cmg -> cmg_rpc as one experiment, then the EMA teacher as an MLflow model.
     MLflow: a 'train' pipeline run with the stages as children, or the stages directly under
-    `parent_run_id`. `branch_from` (a train run directory): start at stage cmg_rpc from that
-    run's finished stage cmg (see branch_run). Returns the run directory."""
+    `parent_run_id`. `branch_from`: a train run directory (start at stage cmg_rpc from that
+    run's finished stage cmg, branch_run) or one of its checkpoints (start at stage cmg_rpc from
+    that checkpoint, settings free, continue_run). Returns the run directory."""
     check_dataset(cfg)
     tags = None
-    if branch_from:
+    if branch_from and is_checkpoint_path(branch_from):
+        run_dir, tags = continue_run(cfg, branch_from)
+    elif branch_from:
         run_dir, tags = branch_run(cfg, branch_from)
     else:
         run_dir = Path(resume).resolve() if resume else new_run_dir(cfg, "train")
@@ -165,6 +168,8 @@ def train(cfg: cfgmod.Config, resume: str | None = None, parent_run_id: str | No
 BRANCH_FILE = "branched_from.json"
 TAG_BRANCHED_FROM = "rayseg.branched_from"  # the checkpoint a branched run started from
 TAG_STAGE1_RUN = "rayseg.stage1_run"  # its stage cmg's MLflow run (the source run's, or a shared one)
+TAG_CONTINUED_FROM = "rayseg.continued_from"  # the checkpoint a continued run started from
+TAG_SETTINGS_DIFFER = "rayseg.settings_differ_from_source"  # the keys a continued run changed
 
 
 def stage_cmg_checkpoint(run_dir: Path, cfg: cfgmod.Config) -> Path:
@@ -202,7 +207,9 @@ def branch_run(cfg: cfgmod.Config, source: str | Path) -> tuple[Path, dict[str, 
             f"--from {source}: its stage cmg was trained with other settings than this config's, so "
             f"branching would not be the run this config describes: {listed}{more}. Only settings that "
             "act after stage cmg (optim.cmg_rpc_*, loss.rpc.enabled_*/beta/eta/threshold/warmup_steps/"
-            "teacher_bn/student_classes, optim.seg_*, name, tracking.*, tune.*, Ray resources) may differ.")
+            "teacher_bn/student_classes, optim.seg_*, name, tracking.*, tune.*, Ray resources) may differ. To "
+            "continue from it anyway (a chained schedule, the differences recorded), give its checkpoint: "
+            f"--from {source / 'checkpoints'}/<step>-cmg-e{source_cfg.optim.cmg_epochs:04d}")
     checkpoint = stage_cmg_checkpoint(source, source_cfg)
     run_dir = new_run_dir(cfg, "train")
     (run_dir / "checkpoints").mkdir()
@@ -215,6 +222,63 @@ def branch_run(cfg: cfgmod.Config, source: str | Path) -> tuple[Path, dict[str, 
     if stage1_run:
         tags[TAG_STAGE1_RUN] = stage1_run
     return run_dir, tags
+
+
+def is_checkpoint_path(path: str | Path) -> bool:
+    """A checkpoint's state.pt or the folder holding it (<run>/checkpoints/<step>-<stage>-e<epoch>)."""
+    from rayseg.train.checkpoint import CHECKPOINT_FILE
+
+    path = Path(path)
+    return path.name == CHECKPOINT_FILE or (path / CHECKPOINT_FILE).is_file()
+
+
+def settings_differences(cfg: cfgmod.Config, other: cfgmod.Config) -> dict[str, tuple]:
+    """{key: (cfg's value, other's value)} for every setting that differs, bookkeeping
+    (name, tracking.*) aside."""
+    a, b = (cfgmod.absolute_paths(cfgmod.flatten(cfgmod.to_dict(c))) for c in (cfg, other))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k != "name" and not k.startswith("tracking.")}
+
+
+def continue_run(cfg: cfgmod.Config, checkpoint: str | Path) -> tuple[Path, dict[str, str]]:
+    """A new train run directory for `cfg` that starts stage cmg_rpc from any stage cmg /
+    cmg_rpc checkpoint of another run: a chained schedule (e.g. RPC after a stage cmg continued
+    for longer, or stage cmg_rpc with another guidance than the source's stage cmg), which no
+    single config describes, so nothing is checked: the settings that differ from the source's
+    are recorded (branched_from.json, MLflow tags) instead. The run starts with a fresh optimizer
+    at the checkpoint's global step, as a stage cmg_rpc does; its first checkpoint is the source's
+    state marked as stage cmg_rpc epoch 0. Returns (run directory, MLflow tags)."""
+    import torch
+
+    from rayseg.atomic import write_bytes
+    from rayseg.train.checkpoint import (CHECKPOINT_FILE, checkpoint_dir_name, load_state,
+                                         parse_checkpoint_name, run_checkpoint)
+
+    if not (cfg.optim.cmg_epochs and cfg.optim.cmg_rpc_epochs):
+        raise cfgmod.ConfigError("--from CHECKPOINT continues into stage cmg_rpc: optim.cmg_epochs and "
+                                 "optim.cmg_rpc_epochs must both be > 0 (stage cmg counts as done)")
+    file = run_checkpoint(Path(checkpoint).parent, checkpoint).resolve()
+    source = file.parent.parent.parent
+    source_cfg = load_run(source)  # names the folder when it is not inside a run directory
+    parsed = parse_checkpoint_name(file.parent.name)
+    if parsed is None or parsed[1] not in ("cmg", "cmg_rpc"):
+        raise cfgmod.ConfigError(f"--from {checkpoint}: not a stage cmg / cmg_rpc checkpoint folder "
+                                 "(<run>/checkpoints/<step>-<stage>-e<epoch>); stage seg trains another network")
+    state = load_state(file)
+    progress = dict(state["progress"], stage_index=1, epoch=0, stage_step=0, mlflow_run_id=None)
+    state = {**state, "progress": progress, "best_cmg": None}  # best_cmg is the source's stage-cmg oracle
+    differ = settings_differences(cfg, source_cfg)
+    run_dir = new_run_dir(cfg, "train")
+    start = run_dir / "checkpoints" / checkpoint_dir_name(progress["step"], "cmg_rpc", 0)
+    start.mkdir(parents=True)
+    torch.save(state, start / CHECKPOINT_FILE)
+    record = {"source_run": str(source), "checkpoint": str(file.parent), "continued": True,
+              "settings_differ": {k: {"here": a, "source": b} for k, (a, b) in differ.items()}}
+    write_bytes(run_dir / BRANCH_FILE, json.dumps(record, indent=2, default=str).encode())
+    listed = ", ".join(differ) or "none"
+    print(f"[rayseg] {run_dir.name} continues {source.name} at step {progress['step']} ({file.parent.name}) "
+          f"into stage cmg_rpc; settings that differ from the source's: {listed}", flush=True)
+    return run_dir, {TAG_CONTINUED_FROM: str(file.parent), TAG_SETTINGS_DIFFER: listed[:4000]}
 
 
 @contextlib.contextmanager
