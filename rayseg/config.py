@@ -580,6 +580,11 @@ class Pretrain2DConfig:
 
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet34"
     """torchvision ResNet to train (use the experiment's model.backbone_2d)."""
+    task: Literal["crops", "pixels"] = "crops"
+    """'crops': classify object crops, one label per image (the ImageNet analogue). 'pixels': the
+    2D branch's own dilated network trained on the corpus views' per-pixel labels (the analogue of
+    a segmentation-pretrained backbone: more 2D knowledge than ImageNet gives; steps and batch_size
+    then count views, e.g. 600 x 16)."""
     seed: int = 7_000_001
     """Seed of the corpus rooms: keep it apart from every benchmark / demo `synthetic.seed`."""
     rooms: int = 400

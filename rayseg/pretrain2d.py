@@ -38,10 +38,11 @@ from scipy import ndimage
 from rayseg import atomic
 from rayseg.config import Config, Pretrain2DConfig, SyntheticConfig
 from rayseg.data.pipeline import normalize_images
-from rayseg.data.synthetic import class_names, generate_scene
+from rayseg.data.synthetic import IGNORE_LABEL, class_names, generate_scene
 from rayseg.models._torchvision import import_torchvision
 
-__all__ = ["render_crops", "train_classifier", "pretrain_2d", "default_path", "settings_digest"]
+__all__ = ["render_crops", "render_views", "train_classifier", "train_segmenter", "pretrain_2d", "default_path",
+           "settings_digest"]
 
 
 def corpus_config(cfg: Pretrain2DConfig, profile: str) -> SyntheticConfig:
@@ -96,15 +97,70 @@ def render_crops(cfg: Pretrain2DConfig, profile: str = "scannet20") -> tuple[np.
     return np.stack(crops), np.asarray(labels, np.int64)
 
 
+def render_views(cfg: Pretrain2DConfig, profile: str = "scannet20") -> tuple[np.ndarray, np.ndarray]:
+    """The 'pixels' corpus: every view of every corpus room, uint8 (N, H, W, 3), and its per-pixel
+    class ids uint8 (N, H, W) (IGNORE_LABEL where no surface was hit)."""
+    syn = corpus_config(cfg, profile)
+    scenes = [generate_scene(syn, index) for index in range(cfg.rooms)]
+    return (np.concatenate([s["view_rgb"] for s in scenes]), np.concatenate([s["view_label"] for s in scenes]))
+
+
+def train_segmenter(images: np.ndarray, labels: np.ndarray, cfg: Pretrain2DConfig, num_classes: int,
+                    log_every: int = 50) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train the 2D branch's network (ResNet2D: dilated, output stride 8, 1x1 classifier) on the
+    views' per-pixel labels; 10 % of the views are held out for pixel accuracy and mIoU. Returns
+    (the backbone's state dict in torchvision names, stats)."""
+    from rayseg.metrics import confusion_matrix, mean_iou, overall_accuracy
+    from rayseg.models.resnet2d import ResNet2D
+
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(labels), generator=generator).numpy()
+    held = max(1, len(order) // 10)
+    test_idx, train_idx = order[:held], order[held:]
+    x = torch.from_numpy(normalize_images(images))
+    y = torch.from_numpy(labels.astype(np.int64))
+    net = ResNet2D(cfg.backbone, num_classes, init="none")
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+    net.train()
+    t0 = time.time()
+    for step in range(cfg.steps):
+        for group in opt.param_groups:  # cosine decay to 0
+            group["lr"] = cfg.lr * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))
+        batch = torch.from_numpy(train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=generator).numpy()])
+        flip = torch.rand(len(batch), generator=generator) < 0.5  # the same flip for a view and its labels
+        images_b = torch.where(flip[:, None, None, None], x[batch].flip(-1), x[batch])
+        labels_b = torch.where(flip[:, None, None], y[batch].flip(-1), y[batch])
+        _, logits = net(_augment(images_b, generator, flips=False))
+        loss = F.cross_entropy(logits, labels_b, ignore_index=IGNORE_LABEL)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log_every and (step + 1) % log_every == 0:
+            print(f"[rayseg] pretrain-2d (pixels) step {step + 1}/{cfg.steps} loss={float(loss.detach()):.3f} "
+                  f"{(step + 1) * cfg.batch_size / (time.time() - t0):.1f} views/s", flush=True)
+    net.eval()
+    conf = torch.zeros((num_classes, num_classes), dtype=torch.int64)
+    with torch.no_grad():
+        for i in range(0, len(test_idx), 32):
+            rows = torch.from_numpy(test_idx[i:i + 32])
+            conf += confusion_matrix(net(x[rows])[1].argmax(1), y[rows], num_classes)
+    state = dict(net.backbone.state_dict())  # torchvision names (conv1, bn1, layer1, ...)
+    return state, {"held_out_pixel_accuracy": overall_accuracy(conf), "held_out_miou": mean_iou(conf),
+                   "views": int(len(labels)), "held_out": int(held), "seconds": time.time() - t0}
+
+
 def _classifier(backbone: str, num_classes: int) -> torch.nn.Module:
     tv = import_torchvision()
     return getattr(tv.models, backbone)(weights=None, num_classes=num_classes)
 
 
-def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips and brightness / contrast jitter of a normalised batch."""
-    flip = torch.rand(len(images), generator=generator) < 0.5
-    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+def _augment(images: torch.Tensor, generator: torch.Generator, flips: bool = True) -> torch.Tensor:
+    """Random horizontal flips (unless the caller flips) and brightness / contrast jitter of a
+    normalised batch."""
+    if flips:
+        flip = torch.rand(len(images), generator=generator) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     gain = 1 + 0.4 * (torch.rand(len(images), 1, 1, 1, generator=generator) - 0.5)
     shift = 0.4 * (torch.rand(len(images), 1, 1, 1, generator=generator) - 0.5)
     return images * gain + shift
@@ -151,14 +207,23 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, cfg: Pretrain2DConf
                               "seconds": time.time() - t0}
 
 
+def settings(cfg: Pretrain2DConfig, profile: str) -> dict:
+    """What the output depends on. task 'crops' is left out, so files cached before `task`
+    existed keep their names and stay valid."""
+    out = {"profile": profile, **asdict(cfg)}
+    if out["task"] == "crops":
+        del out["task"]
+    return out
+
+
 def settings_digest(cfg: Pretrain2DConfig, profile: str) -> str:
-    text = json.dumps({"profile": profile, **asdict(cfg)}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(settings(cfg, profile), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def default_path(cfg: Pretrain2DConfig, profile: str) -> Path:
     """Where the stand-in is cached per machine: one file per settings."""
-    return Path(cfg.cache_dir).expanduser() / f"standin-{profile}-{cfg.backbone}-{settings_digest(cfg, profile)}.pth"
+    task = "" if cfg.task == "crops" else f"{cfg.task}-"
+    return Path(cfg.cache_dir).expanduser() / f"standin-{task}{profile}-{cfg.backbone}-{settings_digest(cfg, profile)}.pth"
 
 
 def pretrain_2d(config: Config, out: str | Path | None = None, force: bool = False) -> Path:
@@ -168,28 +233,42 @@ def pretrain_2d(config: Config, out: str | Path | None = None, force: bool = Fal
     cfg, profile = config.pretrain_2d, config.synthetic.profile
     path = Path(out) if out else default_path(cfg, profile)
     sidecar = path.with_name(path.name + ".json")
-    settings = {"profile": profile, **asdict(cfg)}
+    wanted = settings(cfg, profile)
     if not force and path.is_file() and sidecar.is_file():
         try:
-            if json.loads(sidecar.read_text()).get("settings") == settings:
+            if json.loads(sidecar.read_text()).get("settings") == wanted:
                 print(f"[rayseg] pretrain-2d: {path} is up to date (stand-in, cached)", flush=True)
                 return path
         except json.JSONDecodeError:
             pass
     t0 = time.time()
-    images, labels = render_crops(cfg, profile)
     names = class_names(profile)
-    print(f"[rayseg] pretrain-2d: {len(labels)} crops of {cfg.rooms} rooms (seed {cfg.seed}) in "
-          f"{time.time() - t0:.0f} s; training {cfg.backbone} for {cfg.steps} steps", flush=True)
-    state, stats = train_classifier(images, labels, cfg, len(names))
+    if cfg.task == "pixels":
+        images, labels = render_views(cfg, profile)
+        print(f"[rayseg] pretrain-2d: {len(labels)} views of {cfg.rooms} rooms (seed {cfg.seed}) in "
+              f"{time.time() - t0:.0f} s; training the dilated {cfg.backbone} on their per-pixel labels for "
+              f"{cfg.steps} steps", flush=True)
+        state, stats = train_segmenter(images, labels, cfg, len(names))
+        what = ("2D pretraining STAND-IN (per-pixel labels): the 2D branch's network trained to segment views "
+                "of synthetic rooms of their own seed (no benchmark or demo room); more 2D knowledge than an "
+                "ImageNet backbone gives, the analogue of a segmentation-pretrained one")
+        counts = np.bincount(labels[labels != IGNORE_LABEL], minlength=len(names))
+        summary = (f"held-out pixel accuracy {stats['held_out_pixel_accuracy']:.3f}, "
+                   f"mIoU {stats['held_out_miou']:.3f}")
+    else:
+        images, labels = render_crops(cfg, profile)
+        print(f"[rayseg] pretrain-2d: {len(labels)} crops of {cfg.rooms} rooms (seed {cfg.seed}) in "
+              f"{time.time() - t0:.0f} s; training {cfg.backbone} for {cfg.steps} steps", flush=True)
+        state, stats = train_classifier(images, labels, cfg, len(names))
+        what = ("2D pretraining STAND-IN for ImageNet weights: object crops of synthetic rooms of their own "
+                "seed (no benchmark or demo room), one class label per crop")
+        counts = np.bincount(labels, minlength=len(names))
+        summary = (f"held-out crop accuracy {stats['held_out_accuracy']:.3f} "
+                   f"(majority class {stats['majority_class_share']:.3f})")
     with atomic.atomic_path(path) as tmp:
         torch.save(state, tmp)
-    info = {"stand_in": True,
-            "what": "2D pretraining STAND-IN for ImageNet weights: object crops of synthetic rooms of their own "
-                    "seed (no benchmark or demo room), one class label per crop",
-            "settings": settings, "class_names": list(names), "stats": stats,
-            "class_counts": np.bincount(labels, minlength=len(names)).tolist()}
+    info = {"stand_in": True, "what": what, "settings": wanted, "class_names": list(names), "stats": stats,
+            "class_counts": counts.tolist()}
     atomic.write_bytes(sidecar, json.dumps(info, indent=2).encode())
-    print(f"[rayseg] pretrain-2d: held-out crop accuracy {stats['held_out_accuracy']:.3f} "
-          f"(majority class {stats['majority_class_share']:.3f}); saved {path}", flush=True)
+    print(f"[rayseg] pretrain-2d: {summary}; saved {path}", flush=True)
     return path
