@@ -97,6 +97,20 @@ def render_crops(cfg: Pretrain2DConfig, profile: str = "scannet20") -> tuple[np.
     return np.stack(crops), np.asarray(labels, np.int64)
 
 
+def _seeded_split(n: int, seed: int) -> tuple[torch.Generator, np.ndarray, np.ndarray]:
+    """Seeds torch, then (generator for the batches and augmentation, held-out 10 %, the rest)."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator).numpy()
+    held = max(1, n // 10)
+    return generator, order[:held], order[held:]
+
+
+def _cosine_lr(opt: torch.optim.Optimizer, cfg: Pretrain2DConfig, step: int) -> None:
+    for group in opt.param_groups:  # cosine decay to 0
+        group["lr"] = cfg.lr * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))
+
+
 def render_views(cfg: Pretrain2DConfig, profile: str = "scannet20") -> tuple[np.ndarray, np.ndarray]:
     """The 'pixels' corpus: every view of every corpus room, uint8 (N, H, W, 3), and its per-pixel
     class ids uint8 (N, H, W) (IGNORE_LABEL where no surface was hit)."""
@@ -113,11 +127,7 @@ def train_segmenter(images: np.ndarray, labels: np.ndarray, cfg: Pretrain2DConfi
     from rayseg.metrics import confusion_matrix, mean_iou, overall_accuracy
     from rayseg.models.resnet2d import ResNet2D
 
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(labels), generator=generator).numpy()
-    held = max(1, len(order) // 10)
-    test_idx, train_idx = order[:held], order[held:]
+    generator, test_idx, train_idx = _seeded_split(len(labels), cfg.seed)
     x = torch.from_numpy(normalize_images(images))
     y = torch.from_numpy(labels.astype(np.int64))
     net = ResNet2D(cfg.backbone, num_classes, init="none")
@@ -125,8 +135,7 @@ def train_segmenter(images: np.ndarray, labels: np.ndarray, cfg: Pretrain2DConfi
     net.train()
     t0 = time.time()
     for step in range(cfg.steps):
-        for group in opt.param_groups:  # cosine decay to 0
-            group["lr"] = cfg.lr * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))
+        _cosine_lr(opt, cfg, step)
         batch = torch.from_numpy(train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=generator).numpy()])
         flip = torch.rand(len(batch), generator=generator) < 0.5  # the same flip for a view and its labels
         images_b = torch.where(flip[:, None, None, None], x[batch].flip(-1), x[batch])
@@ -147,7 +156,7 @@ def train_segmenter(images: np.ndarray, labels: np.ndarray, cfg: Pretrain2DConfi
             conf += confusion_matrix(net(x[rows])[1].argmax(1), y[rows], num_classes)
     state = dict(net.backbone.state_dict())  # torchvision names (conv1, bn1, layer1, ...)
     return state, {"held_out_pixel_accuracy": overall_accuracy(conf), "held_out_miou": mean_iou(conf),
-                   "views": int(len(labels)), "held_out": int(held), "seconds": time.time() - t0}
+                   "views": int(len(labels)), "held_out": int(len(test_idx)), "seconds": time.time() - t0}
 
 
 def _classifier(backbone: str, num_classes: int) -> torch.nn.Module:
@@ -170,11 +179,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, cfg: Pretrain2DConf
                      log_every: int = 100) -> tuple[dict[str, torch.Tensor], dict]:
     """Train a plain (undilated) torchvision ResNet to classify the crops; 10 % of them are held
     out for the accuracy. Returns (state dict, {"held_out_accuracy", "train_accuracy", ...})."""
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(labels), generator=generator).numpy()
-    held = max(1, len(order) // 10)
-    test_idx, train_idx = order[:held], order[held:]
+    generator, test_idx, train_idx = _seeded_split(len(labels), cfg.seed)
     x = torch.from_numpy(normalize_images(images))
     y = torch.from_numpy(labels)
     net = _classifier(cfg.backbone, num_classes)
@@ -182,8 +187,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, cfg: Pretrain2DConf
     net.train()
     t0, correct, seen = time.time(), 0, 0
     for step in range(cfg.steps):
-        for group in opt.param_groups:  # cosine decay to 0
-            group["lr"] = cfg.lr * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))
+        _cosine_lr(opt, cfg, step)
         batch = torch.from_numpy(train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=generator).numpy()])
         logits = net(_augment(x[batch], generator))
         loss = F.cross_entropy(logits, y[batch])
@@ -202,7 +206,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, cfg: Pretrain2DConf
     held_acc = float((pred == y[torch.from_numpy(test_idx)]).float().mean())
     counts = np.bincount(labels, minlength=num_classes)
     return net.state_dict(), {"held_out_accuracy": held_acc, "train_accuracy_running": correct / max(seen, 1),
-                              "crops": int(len(labels)), "held_out": int(held),
+                              "crops": int(len(labels)), "held_out": int(len(test_idx)),
                               "majority_class_share": float(counts.max() / counts.sum()),
                               "seconds": time.time() - t0}
 
