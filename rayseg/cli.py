@@ -394,8 +394,10 @@ def _add_predict_parser(sub) -> None:
 def cmd_pretrain_2d(args: argparse.Namespace) -> int:
     from rayseg.pretrain2d import pretrain_2d
 
-    path = pretrain_2d(_load(args).config, args.out, force=args.force)
-    print(f"2D stand-in weights (NOT ImageNet; synthetic object crops): {path}\n"
+    cfg = _load(args).config
+    path = pretrain_2d(cfg, args.out, force=args.force)
+    corpus = "synthetic object crops" if cfg.pretrain_2d.task == "crops" else "per-pixel labels of synthetic rooms"
+    print(f"2D stand-in weights (NOT ImageNet; {corpus}): {path}\n"
           f"use them with --set model.init_2d={path}")
     return 0
 

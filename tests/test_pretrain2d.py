@@ -50,7 +50,7 @@ def test_pretrain_2d_writes_a_cached_stand_in_that_init_2d_loads(tmp_path, capsy
     assert out.stat().st_mtime_ns != mtime  # other settings: trained again
 
 
-def test_pixels_stand_in_learns_to_segment_the_corpus_views_and_loads_as_init_2d(tmp_path):
+def test_pixels_stand_in_learns_to_segment_the_corpus_views_and_loads_as_init_2d(tmp_path, capsys):
     """task 'pixels': the 2D branch's own dilated network trained on per-pixel labels of corpus
     rooms; a few dozen steps on 4 rooms already beat the majority class on held-out views, and
     the saved backbone is what ResNet2D loads. The crop stand-in's cache name does not change."""
@@ -69,6 +69,7 @@ def test_pixels_stand_in_learns_to_segment_the_corpus_views_and_loads_as_init_2d
     assert main(args) == 0
     info = json.loads((tmp_path / "pixels.pth.json").read_text())
     assert info["stand_in"] is True and "per-pixel" in info["what"] and info["settings"]["task"] == "pixels"
+    assert "NOT ImageNet; per-pixel labels" in capsys.readouterr().out
     valid = labels[labels != 255]
     majority = np.bincount(valid).max() / valid.size
     assert info["stats"]["held_out_pixel_accuracy"] > majority, (info["stats"], majority)
