@@ -247,7 +247,9 @@ def continue_run(cfg: cfgmod.Config, checkpoint: str | Path) -> tuple[Path, dict
     single config describes, so nothing is checked: the settings that differ from the source's
     are recorded (branched_from.json, MLflow tags) instead. The run starts with a fresh optimizer
     at the checkpoint's global step, as a stage cmg_rpc does; its first checkpoint is the source's
-    state marked as stage cmg_rpc epoch 0. Returns (run directory, MLflow tags)."""
+    state marked as stage cmg_rpc epoch 0. (Its shuffles and augmentations are those of any stage
+    cmg_rpc of this seed: a continuation of a stage cmg_rpc sees the same sequence again.)
+    Returns (run directory, MLflow tags)."""
     import torch
 
     from rayseg.atomic import write_bytes
