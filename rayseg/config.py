@@ -298,6 +298,12 @@ class ModelConfig:
     torchvision's rectified layout (ReLU in the stem and after every block)."""
     init_2d: str = "imagenet"
     """2D initialisation: 'imagenet', 'none', or a path to a local state dict (torchvision/DINO/MoCo)."""
+    init_2d_classifier: bool = False
+    """Also start the 2D classifier from init_2d's `classifier.weight`, which only a per-pixel
+    stand-in of the same classes holds (`rayseg pretrain-2d --set pretrain_2d.task=pixels`): the
+    2D branch then starts out segmenting, taught by labels of the stand-in's own rooms (never the
+    benchmark's). A diagnostic of what guidance carries into 3D when 2D knows the classes; the
+    paper's 2D init is a backbone only."""
     freeze_2d: bool = False
     """Freeze the 2D backbone (Table 7 'frozen')."""
     autocast_2d: Literal["none", "bfloat16"] = "none"
@@ -315,6 +321,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.in_channels > 0, "in_channels", "must be > 0")
         _check(self.init_2d.strip() != "", "init_2d", "must be 'imagenet', 'none' or a checkpoint path")
+        _check(not self.init_2d_classifier or self.init_2d not in ("imagenet", "none"), "init_2d_classifier",
+               "needs init_2d = a checkpoint holding classifier.weight (a per-pixel stand-in)")
 
 
 @dataclass(kw_only=True)

@@ -123,7 +123,7 @@ def train_segmenter(images: np.ndarray, labels: np.ndarray, cfg: Pretrain2DConfi
                     log_every: int = 50) -> tuple[dict[str, torch.Tensor], dict]:
     """Train the 2D branch's network (ResNet2D: dilated, output stride 8, 1x1 classifier) on the
     views' per-pixel labels; 10 % of the views are held out for pixel accuracy and mIoU. Returns
-    (the backbone's state dict in torchvision names, stats)."""
+    (the backbone's state dict in torchvision names + classifier.weight, stats)."""
     from rayseg.metrics import confusion_matrix, mean_iou, overall_accuracy
     from rayseg.models.resnet2d import ResNet2D
 
@@ -154,7 +154,9 @@ def train_segmenter(images: np.ndarray, labels: np.ndarray, cfg: Pretrain2DConfi
         for i in range(0, len(test_idx), 32):
             rows = torch.from_numpy(test_idx[i:i + 32])
             conf += confusion_matrix(net(x[rows])[1].argmax(1), y[rows], num_classes)
-    state = dict(net.backbone.state_dict())  # torchvision names (conv1, bn1, layer1, ...)
+    # the backbone in torchvision names (conv1, bn1, layer1, ...) and the per-pixel classifier, which
+    # only model.init_2d_classifier loads (a backbone init ignores classifier.* keys)
+    state = {**net.backbone.state_dict(), "classifier.weight": net.classifier.weight.detach().clone()}
     return state, {"held_out_pixel_accuracy": overall_accuracy(conf), "held_out_miou": mean_iou(conf),
                    "views": int(len(labels)), "held_out": int(len(test_idx)), "seconds": time.time() - t0}
 

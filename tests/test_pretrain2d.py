@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from rayseg import config as C
@@ -46,6 +47,8 @@ def test_pretrain_2d_writes_a_cached_stand_in_that_init_2d_loads(tmp_path, capsy
     own = model.backbone.state_dict()
     assert torch.equal(own["layer4.1.conv2.weight"], saved["layer4.1.conv2.weight"])
     assert torch.equal(own["bn1.running_mean"], saved["bn1.running_mean"])
+    with pytest.raises(ValueError, match="no classifier.weight of shape"):
+        ResNet2D("resnet18", num_classes=20, init=str(out), init_classifier=True)  # a crop stand-in has none
     assert main(args[:-2] + ["--set", "pretrain_2d.batch_size=4"]) == 0
     assert out.stat().st_mtime_ns != mtime  # other settings: trained again
 
@@ -76,6 +79,9 @@ def test_pixels_stand_in_learns_to_segment_the_corpus_views_and_loads_as_init_2d
     model = ResNet2D("resnet18", num_classes=20, init=str(out))
     saved = torch.load(out, weights_only=True)
     assert torch.equal(model.backbone.state_dict()["layer4.1.conv2.weight"], saved["layer4.1.conv2.weight"])
+    headed = ResNet2D("resnet18", num_classes=20, init=str(out), init_classifier=True)  # model.init_2d_classifier
+    assert torch.equal(headed.classifier.weight, saved["classifier.weight"])
+    assert not torch.equal(model.classifier.weight, saved["classifier.weight"])  # a backbone init leaves it
     assert default_path(C.Pretrain2DConfig(backbone="resnet18", rooms=400, steps=2000), "scannet20").name == \
         "standin-scannet20-resnet18-ce3d66f6fe8d.pth"  # the crop stand-in every measurement used
     assert default_path(cfg, "scannet20").name.startswith("standin-pixels-scannet20-resnet18-")

@@ -17,6 +17,8 @@ Initialisation (`init`, config `model.init_2d`):
   'none'      torchvision's random initialisation;
   <path>      a local state dict: torchvision's, DINO's (plain backbone keys) or MoCo's
               ('state_dict' with 'module.encoder_q.' keys); classifier heads (fc) are ignored.
+`init_classifier`: also the 1x1 classifier, from `classifier.weight` of a per-pixel stand-in
+(rayseg/pretrain2d.py, task 'pixels'; a diagnostic: the branch starts out segmenting).
 `freeze` (Table 7 'frozen'): the backbone gets no gradients and its BN layers stay in eval mode.
 """
 
@@ -107,7 +109,7 @@ class ResNet2D(nn.Module):
     """Dilated ResNet-18/34/50/101 (output stride 8) + bias-free 1x1 classifier."""
 
     def __init__(self, name: str = "resnet50", num_classes: int = 20, init: str = "imagenet",
-                 freeze: bool = False, signed: bool = True, autocast: str = "none"):
+                 freeze: bool = False, signed: bool = True, autocast: str = "none", init_classifier: bool = False):
         super().__init__()
         if name not in FEATURE_DIMS:
             raise ValueError(f"unknown 2D backbone {name!r}; available: {', '.join(FEATURE_DIMS)}")
@@ -136,6 +138,10 @@ class ResNet2D(nn.Module):
                                         "(expected 'imagenet', 'none' or a state dict path)")
             raw = torch.load(init, map_location="cpu", weights_only=True)
             self.load_backbone(backbone_state_from_checkpoint(raw), init)
+            if init_classifier:
+                self.load_classifier(raw, init)
+        if init_classifier and init in ("imagenet", "none"):
+            raise ValueError(f"init_classifier: init {init!r} holds no classifier (give a per-pixel stand-in file)")
         if freeze:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -154,6 +160,17 @@ class ResNet2D(nn.Module):
         if problems:
             raise ValueError(f"{source} does not fit the {self.name} backbone: " + "; ".join(problems))
         self.backbone.load_state_dict(dict(state), strict=False)
+
+    def load_classifier(self, raw: Mapping, source: str) -> None:
+        """The 1x1 classifier from `classifier.weight` of a per-pixel stand-in (same classes)."""
+        weight = raw.get("classifier.weight")
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(self.classifier.weight.shape):
+            found = "none" if weight is None else tuple(getattr(weight, "shape", ()))
+            raise ValueError(f"{source}: no classifier.weight of shape {tuple(self.classifier.weight.shape)} "
+                             f"(found {found}); only a per-pixel stand-in of these classes "
+                             "(pretrain_2d.task = 'pixels') holds one")
+        with torch.no_grad():
+            self.classifier.weight.copy_(weight)
 
     def train(self, mode: bool = True) -> "ResNet2D":
         super().train(mode)
