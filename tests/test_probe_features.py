@@ -136,3 +136,28 @@ def test_labels_at_links_read_the_linked_pixel_mask_untagged_classes_and_fuse():
     assert out["3d"].tolist() == [0, 1] and out["2d"].tolist() == [1, 0] and out["gt"].tolist() == [1, 0]
     # link 0: 3D sure of 0 (p 0.95), 2D sure of 1 (p 0.98): the mean favours 1 by a hair
     assert out["fused"].tolist() == [1, 0]
+
+
+_spec4 = importlib.util.spec_from_file_location(
+    "mil_2d_drift", Path(__file__).resolve().parents[1] / "experiments" / "mil_2d_drift.py")
+mil_2d_drift = importlib.util.module_from_spec(_spec4)
+_spec4.loader.exec_module(mil_2d_drift)
+
+
+def test_mil_drift_reads_the_tag_masked_argmax_against_gt():
+    """A room tagged with one class is all that class in the tag-masked argmax, whatever the
+    network: right where GT says so, wrong where GT has another class."""
+    from rayseg.models.resnet2d import ResNet2D
+
+    torch.manual_seed(0)
+    net = ResNet2D("resnet18", 20, init="none")
+    tags = torch.zeros(20)
+    tags[3] = 1
+    y = torch.full((2, 16, 16), 3, dtype=torch.int64)
+    room = {"x": torch.randn(2, 3, 16, 16), "y": y, "tags": tags}
+    miou, iou = mil_2d_drift.masked_miou(net, [room])
+    assert miou == 1.0 and iou[3] == 1.0
+    y2 = y.clone()
+    y2[:, :8] = 5  # half the pixels are class 5, which the room is not tagged with
+    miou, iou = mil_2d_drift.masked_miou(net, [{**room, "y": y2}])
+    assert iou[3] == 0.5 and iou[5] == 0.0 and net.training  # back in training mode after reading
