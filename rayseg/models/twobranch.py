@@ -69,8 +69,8 @@ class TwoBranchModel(nn.Module):
         if model_cfg.init_3d:
             load_minkunet_state(self.net3d, model_cfg.init_3d)
         self.net2d = ResNet2D(model_cfg.backbone_2d, num_classes, init=model_cfg.init_2d,
-                              init_classifier=model_cfg.init_2d_classifier, freeze=model_cfg.freeze_2d, signed=model_cfg.signed_2d_features,
-                              autocast=model_cfg.autocast_2d)
+                              init_classifier=model_cfg.init_2d_classifier, freeze=model_cfg.freeze_2d,
+                              signed=model_cfg.signed_2d_features, autocast=model_cfg.autocast_2d)
         d3, d2 = self.net3d.feature_dim, self.net2d.feature_dim
         self.proj3d = nn.Linear(d3, d2)
         self.proj2d = nn.Linear(d2, d3)
