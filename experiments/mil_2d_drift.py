@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +41,16 @@ def masked_miou(net: ResNet2D, rooms: list[dict]) -> tuple[float, np.ndarray]:
     return M.mean_iou(conf), M.iou_per_class(conf)
 
 
+def standin_backbone(standin: str) -> str:
+    """The ResNet a stand-in file holds, from its sidecar `<file>.json` (pretrain2d writes it)."""
+    sidecar = Path(standin + ".json")
+    try:
+        return json.loads(sidecar.read_text())["settings"]["backbone"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"{sidecar}: cannot read the stand-in's settings.backbone ({exc}); "
+                         "give a file `rayseg pretrain-2d` wrote") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("standin")
@@ -58,7 +69,7 @@ def main() -> None:
                       "y": torch.from_numpy(s["view_label"].astype(np.int64)),
                       "tags": torch.from_numpy(s["tags"].astype(np.float32))})
     torch.manual_seed(0)
-    net = ResNet2D("resnet18", len(names), init=args.standin, init_classifier=True)
+    net = ResNet2D(standin_backbone(args.standin), len(names), init=args.standin, init_classifier=True)
     opt = torch.optim.SGD([{"params": net.backbone.parameters(), "lr": args.lr * 0.1},
                            {"params": net.classifier.parameters(), "lr": args.lr}], momentum=0.9, weight_decay=1e-4)
     rng = np.random.default_rng(0)

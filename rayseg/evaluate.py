@@ -15,13 +15,6 @@ import torch
 
 from rayseg import losses as L
 from rayseg import metrics as M
-from rayseg.train.checkpoint import load_state
-
-
-def load_checkpoint(run_dir: Path) -> dict:
-    from rayseg.train.checkpoint import run_checkpoint
-
-    return load_state(run_checkpoint(run_dir), map_location="cpu")
 
 
 @torch.no_grad()

@@ -223,13 +223,11 @@ class Predictor:
         import torch
 
         from rayseg import config as cfgmod
-        from rayseg.evaluate import load_checkpoint
         from rayseg.models.minkunet import build_minkunet
-        from rayseg.train.launch import load_run
+        from rayseg.train.launch import load_run_checkpoint
         from rayseg.train.stages import stage_config
 
-        cfg = load_run(run_dir)
-        state = load_checkpoint(run_dir)
+        cfg, _, state = load_run_checkpoint(run_dir)
         num_classes = len(state["class_names"])
         self.is_seg = list(state["stages"]) == ["seg"]
         # Infer mode on 3D alone: no views, no regions (a prediction needs neither).

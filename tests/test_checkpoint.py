@@ -36,7 +36,7 @@ def _plant(run_dir: Path, marker: Path, step: int = 5) -> Path:
 
 
 def test_planted_checkpoint_is_refused_everywhere_without_running(tmp_path):
-    from rayseg.evaluate import load_checkpoint
+    from rayseg.train.launch import load_run_checkpoint
     from rayseg.train.tune import _load_state
 
     marker = tmp_path / "code-ran"
@@ -55,8 +55,9 @@ def test_planted_checkpoint_is_refused_everywhere_without_running(tmp_path):
         resume_state(None, run)
     with pytest.raises(UnsafeCheckpointError):
         resume_state(planted, tmp_path / "empty-run")  # as Ray Train's checkpoint
+    (run / "config.toml").write_text("")  # a run directory (default settings)
     with pytest.raises(UnsafeCheckpointError):
-        load_checkpoint(run)  # evaluate, export, demo, tune's pseudo-label evaluation
+        load_run_checkpoint(run)  # evaluate, export, pseudo-label, demo, tune's pseudo-label evaluation
     with pytest.raises(UnsafeCheckpointError):
         _load_state(planted)  # tune's trial bookkeeping
     assert not marker.exists()

@@ -29,7 +29,7 @@ from rayseg.data.scene import IGNORE_LABEL, S3DIS13, SCANNET20
 TINY = {"synthetic.num_scenes": 3, "synthetic.val_fraction": 0.34, "synthetic.num_views": 0,
         "synthetic.min_points": 1500, "synthetic.max_points": 2500, "synthetic.points_per_m2": 30.0,
         "data.voxel_size": 0.2, "data.num_views": 0, "data.region_column": "",
-        "model.backbone_3d": "MinkUNet14A", "model.backbone_2d": "resnet34", "model.init_2d": "none",
+        "model.backbone_3d": "MinkUNet14A", "model.backbone_2d": "resnet18", "model.init_2d": "none",
         "optim.seg_backbone": "MinkUNet14A", "optim.seg_voxel_size": 0.2}
 SEG_CLASS, TEACHER_CLASS, STUDENT_CLASS = 6, 9, 2
 

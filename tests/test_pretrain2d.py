@@ -49,6 +49,9 @@ def test_pretrain_2d_writes_a_cached_stand_in_that_init_2d_loads(tmp_path, capsy
     assert torch.equal(own["bn1.running_mean"], saved["bn1.running_mean"])
     with pytest.raises(ValueError, match="no classifier.weight of shape"):
         ResNet2D("resnet18", num_classes=20, init=str(out), init_classifier=True)  # a crop stand-in has none
+    for init in ("imagenet", "none"):  # refused before any weights load (offline, imagenet would fail on those)
+        with pytest.raises(ValueError, match=f"init_classifier: init '{init}' holds no classifier"):
+            ResNet2D("resnet18", num_classes=20, init=init, init_classifier=True)
     assert main(args[:-2] + ["--set", "pretrain_2d.batch_size=4"]) == 0
     assert out.stat().st_mtime_ns != mtime  # other settings: trained again
 

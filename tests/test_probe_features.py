@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 _PATH = Path(__file__).resolve().parents[1] / "experiments" / "probe_features.py"
@@ -161,3 +163,11 @@ def test_mil_drift_reads_the_tag_masked_argmax_against_gt():
     y2[:, :8] = 5  # half the pixels are class 5, which the room is not tagged with
     miou, iou = mil_2d_drift.masked_miou(net, [{**room, "y": y2}])
     assert iou[3] == 0.5 and iou[5] == 0.0 and net.training  # back in training mode after reading
+
+
+def test_mil_drift_reads_the_backbone_from_the_standins_sidecar(tmp_path):
+    standin = tmp_path / "standin.pth"
+    (tmp_path / "standin.pth.json").write_text(json.dumps({"settings": {"backbone": "resnet34"}}))
+    assert mil_2d_drift.standin_backbone(str(standin)) == "resnet34"
+    with pytest.raises(SystemExit, match="other.pth.json: cannot read the stand-in's settings.backbone"):
+        mil_2d_drift.standin_backbone(str(tmp_path / "other.pth"))

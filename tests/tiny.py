@@ -1,4 +1,4 @@
-"""The tiny experiment the end-to-end tests share: small synthetic scenes, MinkUNet14A + ResNet-34
+"""The tiny experiment the end-to-end tests share: small synthetic scenes, MinkUNet14A + ResNet-18
 from scratch, one epoch per stage (the plumbing is under test, not the method), as flat dotted
 config keys, plus `toml_text` for the tests that run the CLI or Ray Tune on a file."""
 
@@ -11,7 +11,7 @@ import tomli_w
 # Networks, losses, schedule and resources: what every end-to-end test uses.
 TINY_RUN = {
     "data.voxel_size": 0.08, "data.image_width": 64, "data.image_height": 48, "data.loader": "local",
-    "model.backbone_3d": "MinkUNet14A", "model.backbone_2d": "resnet34", "model.init_2d": "none",
+    "model.backbone_3d": "MinkUNet14A", "model.backbone_2d": "resnet18", "model.init_2d": "none",
     "loss.cls_warmup_steps": 2, "loss.guidance.warmup_steps": 2, "loss.rpc.warmup_steps": 2, "loss.rpc.ema_decay": 0.9,
     "optim.batch_size": 2, "optim.cmg_epochs": 1, "optim.cmg_rpc_epochs": 1, "optim.loops_per_epoch": 1,
     "optim.seg_epochs": 1, "optim.seg_backbone": "MinkUNet14A", "optim.seg_voxel_size": 0.08,

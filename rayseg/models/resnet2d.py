@@ -113,6 +113,8 @@ class ResNet2D(nn.Module):
         super().__init__()
         if name not in FEATURE_DIMS:
             raise ValueError(f"unknown 2D backbone {name!r}; available: {', '.join(FEATURE_DIMS)}")
+        if init_classifier and init in ("imagenet", "none"):  # before any weights load
+            raise ValueError(f"init_classifier: init {init!r} holds no classifier (give a per-pixel stand-in file)")
         tv = import_torchvision()
         if name in ("resnet18", "resnet34"):
             net = getattr(tv.models, name)(weights=None)
@@ -140,8 +142,6 @@ class ResNet2D(nn.Module):
             self.load_backbone(backbone_state_from_checkpoint(raw), init)
             if init_classifier:
                 self.load_classifier(raw, init)
-        if init_classifier and init in ("imagenet", "none"):
-            raise ValueError(f"init_classifier: init {init!r} holds no classifier (give a per-pixel stand-in file)")
         if freeze:
             self.backbone.requires_grad_(False)
             self.backbone.eval()

@@ -49,18 +49,31 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def checkpoint_file(checkpoint: str | Path) -> Path:
+    """The state.pt that `checkpoint` names: the file itself, or the folder
+    <run>/checkpoints/<step>-<stage>-e<epoch> holding it. FileNotFoundError naming it when there
+    is none."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no such checkpoint file (give a {CHECKPOINT_FILE} or the "
+                                "folder holding it, <run>/checkpoints/<step>-<stage>-e<epoch>)")
+    return path
+
+
+def names_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is meant as one checkpoint rather than a run directory: a state.pt (present
+    or not: checkpoint_file names it when it is missing) or a folder holding one."""
+    path = Path(path)
+    return path.name == CHECKPOINT_FILE or (path / CHECKPOINT_FILE).is_file()
+
+
 def run_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """The checkpoint a reader of a run uses: `checkpoint` when given (an earlier stage's
-    state.pt, or its folder <run>/checkpoints/<step>-<stage>-e<epoch>), else the run's latest.
-    FileNotFoundError naming the run or file when there is none."""
+    """The checkpoint a reader of a run uses: `checkpoint` when given (checkpoint_file), else the
+    run's latest. FileNotFoundError naming the run or file when there is none."""
     if checkpoint is not None:
-        path = Path(checkpoint)
-        if path.is_dir():
-            path = path / CHECKPOINT_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{checkpoint}: no such checkpoint file (give a {CHECKPOINT_FILE} or "
-                                    f"the folder holding it, e.g. one of {Path(run_dir) / 'checkpoints'}/*)")
-        return path
+        return checkpoint_file(checkpoint)
     path = latest_checkpoint(Path(run_dir))
     if path is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint found under checkpoints/")

@@ -146,9 +146,11 @@ def train(cfg: cfgmod.Config, resume: str | None = None, parent_run_id: str | No
     `parent_run_id`. `branch_from`: a train run directory (start at stage cmg_rpc from that
     run's finished stage cmg, branch_run) or one of its checkpoints (start at stage cmg_rpc from
     that checkpoint, settings free, continue_run). Returns the run directory."""
+    from rayseg.train.checkpoint import names_checkpoint
+
     check_dataset(cfg)
     tags = None
-    if branch_from and is_checkpoint_path(branch_from):
+    if branch_from and names_checkpoint(branch_from):
         run_dir, tags = continue_run(cfg, branch_from)
     elif branch_from:
         run_dir, tags = branch_run(cfg, branch_from)
@@ -224,22 +226,6 @@ def branch_run(cfg: cfgmod.Config, source: str | Path) -> tuple[Path, dict[str, 
     return run_dir, tags
 
 
-def is_checkpoint_path(path: str | Path) -> bool:
-    """A checkpoint's state.pt or the folder holding it (<run>/checkpoints/<step>-<stage>-e<epoch>)."""
-    from rayseg.train.checkpoint import CHECKPOINT_FILE
-
-    path = Path(path)
-    return path.name == CHECKPOINT_FILE or (path / CHECKPOINT_FILE).is_file()
-
-
-def settings_differences(cfg: cfgmod.Config, other: cfgmod.Config) -> dict[str, tuple]:
-    """{key: (cfg's value, other's value)} for every setting that differs, bookkeeping
-    (name, tracking.*) aside."""
-    a, b = (cfgmod.absolute_paths(cfgmod.flatten(cfgmod.to_dict(c))) for c in (cfg, other))
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k != "name" and not k.startswith("tracking.")}
-
-
 def continue_run(cfg: cfgmod.Config, checkpoint: str | Path) -> tuple[Path, dict[str, str]]:
     """A new train run directory for `cfg` that starts stage cmg_rpc from any stage cmg /
     cmg_rpc checkpoint of another run: a chained schedule (e.g. RPC after a stage cmg continued
@@ -253,13 +239,14 @@ def continue_run(cfg: cfgmod.Config, checkpoint: str | Path) -> tuple[Path, dict
     import torch
 
     from rayseg.atomic import write_bytes
-    from rayseg.train.checkpoint import (CHECKPOINT_FILE, checkpoint_dir_name, load_state,
-                                         parse_checkpoint_name, run_checkpoint)
+    from rayseg.train.checkpoint import (CHECKPOINT_FILE, checkpoint_dir_name, checkpoint_file, load_state,
+                                         parse_checkpoint_name)
+    from rayseg.train.stages import settings_differences
 
     if not (cfg.optim.cmg_epochs and cfg.optim.cmg_rpc_epochs):
         raise cfgmod.ConfigError("--from CHECKPOINT continues into stage cmg_rpc: optim.cmg_epochs and "
                                  "optim.cmg_rpc_epochs must both be > 0 (stage cmg counts as done)")
-    file = run_checkpoint(Path(checkpoint).parent, checkpoint).resolve()
+    file = checkpoint_file(checkpoint).resolve()
     source = file.parent.parent.parent
     source_cfg = load_run(source)  # names the folder when it is not inside a run directory
     parsed = parse_checkpoint_name(file.parent.name)

@@ -32,11 +32,16 @@ def stage_config(cfg: cfgmod.Config, stage: str) -> cfgmod.Config:
                                   "augment.remove_wall_p": 0.0, "augment.remove_ceiling_p": 0.0})
 
 
+def flat_settings(cfg: cfgmod.Config) -> dict:
+    """Every setting as {dotted key: value}, paths made absolute (comparable across folders)."""
+    return cfgmod.absolute_paths(cfgmod.flatten(cfgmod.to_dict(cfg)))
+
+
 def stage1_settings(cfg: cfgmod.Config) -> dict:
     """Every flat setting that acts in stage cmg (all but AFTER_STAGE1_KEYS/_PREFIXES), paths
     made absolute. Of the Ray resources only the number of training processes counts (it sets the
     per-rank batch and the data split): 0 workers (local mode) and 1 are the same computation."""
-    flat = cfgmod.absolute_paths(cfgmod.flatten(cfgmod.to_dict(cfg)))
+    flat = flat_settings(cfg)
     acting = {k: v for k, v in flat.items()
               if k not in AFTER_STAGE1_KEYS and not k.startswith(AFTER_STAGE1_PREFIXES + ("ray.",))}
     acting["training_processes"] = max(1, cfg.ray.num_workers)
@@ -48,7 +53,19 @@ def stage1_key(cfg: cfgmod.Config) -> str:
     return hashlib.sha256(json.dumps(stage1_settings(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _differences(a: dict, b: dict) -> dict[str, tuple]:
+    """{key: (a's value, b's value)} for the flat keys whose values differ (missing = None)."""
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
 def stage1_differences(cfg: cfgmod.Config, other: cfgmod.Config) -> dict[str, tuple]:
     """{key: (cfg's value, other's value)} for the stage-cmg settings in which they differ."""
-    a, b = stage1_settings(cfg), stage1_settings(other)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    return _differences(stage1_settings(cfg), stage1_settings(other))
+
+
+def settings_differences(cfg: cfgmod.Config, other: cfgmod.Config) -> dict[str, tuple]:
+    """{key: (cfg's value, other's value)} for every setting that differs, bookkeeping
+    (name, tracking.*) aside, paths made absolute."""
+    a, b = ({k: v for k, v in flat_settings(c).items() if k != "name" and not k.startswith("tracking.")}
+            for c in (cfg, other))
+    return _differences(a, b)

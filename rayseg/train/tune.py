@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from rayseg import config as cfgmod
-from rayseg.train.stages import stage1_key
+from rayseg.train.stages import flat_settings, stage1_key
 
 SWEEP_FILE = "sweep.json"
 TUNE_DIR = "tune"
@@ -153,7 +153,7 @@ def prepare_sweep(path: str | Path, overrides: list[str] = (), name: str | None 
             raise SweepError(f"sweep directory {sweep_dir} already exists: pass --resume to continue it, "
                              f"or another --name")
         points = [cfgmod.absolute_paths(p) for p in cfgmod.grid_points(exp)]
-        base = cfgmod.absolute_paths(cfgmod.flatten(cfgmod.to_dict(exp.config)))
+        base = flat_settings(exp.config)
         exp = cfgmod.Experiment(config=cfgmod.build(base, exp.sources), grid=exp.grid, sources=exp.sources,
                                 path=exp.path)
     sweep = Sweep(name=sweep_name, file=str(Path(exp.path).resolve()) if exp.path else "", experiment=exp,
@@ -392,16 +392,16 @@ def _pseudo_2d_confusion(run_dir: str) -> Any:
     import torch
 
     from rayseg.data import shards
-    from rayseg.evaluate import load_checkpoint
     from rayseg.models.twobranch import TwoBranchModel
-    from rayseg.train.launch import load_run
+    from rayseg.train.launch import load_run_checkpoint
     from rayseg.train.loop import pseudo_label_confusion
 
-    cfg = cfgmod.replace(load_run(run_dir), **{"data.loader": "local"})
+    run_cfg, _, state = load_run_checkpoint(run_dir)
+    cfg = cfgmod.replace(run_cfg, **{"data.loader": "local"})
     num_classes = len(shards.load_manifest(cfg.data.root)["class_names"])
     device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
     model = TwoBranchModel(cfgmod.replace(cfg, **{"model.init_2d": "none"}).model, num_classes)
-    model.load_state_dict(load_checkpoint(Path(run_dir))["teacher"])
+    model.load_state_dict(state["teacher"])
     model.to(device)
     return pseudo_label_confusion(model, cfg, num_classes, 0, 1, device, None)["2d"]
 
