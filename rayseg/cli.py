@@ -184,6 +184,9 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
         names = tuple(shards.load_manifest(launch.load_run(args.run).data.root)["class_names"])
         print(M.iou_table(summary["conf"], names,
                           title=f"pseudo-labels vs GT, split {summary['split']} (evaluation only)"))
+        if summary["conf_2d"] is not None:
+            print(M.iou_table(summary["conf_2d"], names, title=f"the 2D teacher's pseudo-labels on the views of "
+                                                                 f"split {summary['split']} vs view GT (evaluation only)"))
     return 0
 
 

@@ -356,6 +356,37 @@ def _untrained_run(cfg, seed: int) -> Path:
     return run_dir
 
 
+def test_pseudo_label_reports_the_2d_teacher_on_every_view_of_the_split(tiny, tmp_path, capsys):
+    """`rayseg pseudo-label` also reads the 2D teacher's pseudo-labels against the view GT of
+    every scene of the split (Table 2's 2D column; evaluation only), at the chosen checkpoint,
+    prints it and logs it to the pipeline run beside the 3D number."""
+    from rayseg import cli
+    from rayseg.data.transforms import sample_views
+    from rayseg.train.tracking import client_for, read_record
+
+    cfg, _ = tiny
+    run = _untrained_run(cfg, 5)
+    capsys.readouterr()
+    assert cli.main(["pseudo-label", str(run), "--out", str(tmp_path / "pl")]) == 0
+    printed = capsys.readouterr().out
+    assert "the 2D teacher's pseudo-labels on the views of split train vs view GT" in printed
+    conf_2d = launch.teacher_2d_confusion(run)
+    num_classes = conf_2d.shape[0]
+    gt = torch.zeros(num_classes, dtype=torch.int64)  # every GT pixel of the train views, per class
+    for path in shards.scene_paths(cfg.data.root, cfg.data.train_split):
+        scene = shards.read_scene(path)
+        views = scene["view_label"][sample_views(scene, cfg.data.num_views, None)]  # evaluation's views
+        labels = torch.from_numpy(views.astype(np.int64).reshape(-1))
+        gt += torch.bincount(labels[(labels >= 0) & (labels < num_classes)], minlength=num_classes)
+    assert torch.equal(conf_2d.sum(1), gt) and int(gt.sum()) > 0
+    names = shards.load_manifest(cfg.data.root)["class_names"]
+    logged = client_for(cfg).get_run(read_record(tmp_path / "pl")["pipeline_run_id"]).data.metrics
+    miou_2d = M.metrics_dict(conf_2d, names, prefix="x_")["x_miou"]
+    assert logged["pseudo_final_2d_miou"] == pytest.approx(float(miou_2d)) and "pseudo_final_3d_miou" in logged
+    other = _untrained_run(cfg, 6)  # another teacher, another 2D confusion over the same pixels
+    assert not torch.equal(launch.teacher_2d_confusion(other), conf_2d)
+
+
 def test_pseudo_labels_of_another_checkpoint_are_refused_or_redone(tiny, tmp_path, capsys):
     """Issue 18: `pseudo-label OTHER_RUN --out EXISTING` said "4 of 4 scenes already done" and kept
     the first run's labels under a pseudo.json naming the second. Now labels carry their source

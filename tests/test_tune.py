@@ -271,7 +271,7 @@ def test_2d_confusion_task_finishes_with_only_its_own_half_cpu(swept, tmp_path):
     holder = Holder.remote()
     try:
         assert ray.get(holder.ready.remote(), timeout=60)
-        task = ray.remote(tune._pseudo_2d_confusion).options(num_cpus=0.5)
+        task = ray.remote(launch.teacher_2d_confusion).options(num_cpus=0.5)
         conf = ray.get(task.remote(str(trial)), timeout=300)
         assert conf.shape[0] == conf.shape[1] and int(conf.sum()) > 0  # every pixel of the train views
     finally:

@@ -366,13 +366,15 @@ def _link_teacher(cfg: cfgmod.Config, run_id: str | None, train_dir: Path | None
 
 
 def pseudo_label(run_dir: str | Path, out: str | Path, split: str | None = None, *, overwrite: bool = False,
-                 parent_run_id: str | None = None, evaluate: bool = True,
+                 parent_run_id: str | None = None, evaluate: bool = True, evaluate_2d: bool = True,
                  checkpoint: str | Path | None = None) -> dict:
     """`rayseg pseudo-label` with MLflow: a 'pseudo-label' pipeline run (or, given parent_run_id,
     a stage run directly under it) whose 'pseudo_label' stage run has the teacher model as input
     and, with `evaluate`, the labels' mIoU against GT (evaluation only) at the step of the
-    checkpoint that labels (`checkpoint`, default the run's newest). Returns make_pseudo_labels'
-    summary + "conf" (3D confusion or None), "run_id" (the stage run), "pipeline_run_id"."""
+    checkpoint that labels (`checkpoint`, default the run's newest); with `evaluate_2d` too (and
+    views in the run), the 2D teacher's pseudo-label mIoU on the split's views
+    (teacher_2d_confusion). Returns make_pseudo_labels' summary + "conf" (3D confusion or None),
+    "conf_2d" (or None), "run_id" (the stage run), "pipeline_run_id"."""
     from rayseg.data import shards
     from rayseg.pseudo import evaluate_pseudo_labels, make_pseudo_labels
     from rayseg.train import tracking
@@ -394,7 +396,7 @@ def pseudo_label(run_dir: str | Path, out: str | Path, split: str | None = None,
     tracker = tracking.stage_tracker(cfg, out, "pseudo_label", parent_run_id=pipeline, step_offset=step,
                                      tags={"rayseg.teacher_run_dir": str(run_dir), "rayseg.pseudo_labels": str(out),
                                            "rayseg.teacher_checkpoint": ckpt.parent.name})
-    conf = None
+    conf = conf_2d = None
     try:
         if newest:  # the run's logged teacher is its newest checkpoint; an earlier one has no logged model
             _link_teacher(cfg, tracker.run_id, run_dir)
@@ -404,9 +406,13 @@ def pseudo_label(run_dir: str | Path, out: str | Path, split: str | None = None,
         if evaluate:
             names = tuple(shards.load_manifest(cfg.data.root)["class_names"])
             conf = evaluate_pseudo_labels(out, cfg.data.root, summary["split"], names)
-            miou = tracker.log_confusion(conf, names, "pseudo_final_3d", 0)["pseudo_final_3d_miou"]
+            summary_metrics = tracker.log_confusion(conf, names, "pseudo_final_3d", 0)
+            if evaluate_2d and cfg.data.num_views:
+                conf_2d = teacher_2d_confusion(run_dir, ckpt, summary["split"])
+                summary_metrics.update(tracker.log_confusion(conf_2d, names, "pseudo_final_2d", 0))
             if own:
-                tracking.log_summary(cfg, pipeline, {"pseudo_final_3d_miou": miou}, step)
+                tracking.log_summary(cfg, pipeline, {k: v for k, v in summary_metrics.items()
+                                                     if k in ("pseudo_final_3d_miou", "pseudo_final_2d_miou")}, step)
     except BaseException:
         tracker.end("FAILED")
         if own:
@@ -415,7 +421,33 @@ def pseudo_label(run_dir: str | Path, out: str | Path, split: str | None = None,
     tracker.end()
     if own:
         tracking.end_run(cfg, pipeline)
-    return {**summary, "conf": conf, "run_id": tracker.run_id, "pipeline_run_id": pipeline, "step": step}
+    return {**summary, "conf": conf, "conf_2d": conf_2d, "run_id": tracker.run_id, "pipeline_run_id": pipeline,
+            "step": step}
+
+
+def teacher_2d_confusion(run_dir: str | Path, checkpoint: str | Path | None = None, split: str | None = None):
+    """Confusion of the EMA teacher's 2D pseudo-labels (masked softmax -> view-region mean ->
+    argmax) against the view GT over all scenes of `split` (default the run's train split), at
+    `checkpoint` (default the run's newest). GT is read for the metric only.
+
+    Reads the scenes in this process (the plain loader), not through Ray Data: run as a Ray task
+    (tune's trials) it holds its CPUs while it waits for batches, and Ray Data's read tasks each
+    need a whole free CPU. Beside the pseudo-label actor and another trial's training worker it
+    held the last half CPU of a 2-CPU machine, and all three waited on each other's reads forever."""
+    import torch
+
+    from rayseg.data import shards
+    from rayseg.models.twobranch import TwoBranchModel
+    from rayseg.train.loop import pseudo_label_confusion
+
+    run_cfg, _, state = load_run_checkpoint(run_dir, checkpoint)
+    cfg = cfgmod.replace(run_cfg, **{"data.loader": "local", "data.train_split": split or run_cfg.data.train_split})
+    num_classes = len(shards.load_manifest(cfg.data.root)["class_names"])
+    device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
+    model = TwoBranchModel(cfgmod.replace(cfg, **{"model.init_2d": "none"}).model, num_classes)
+    model.load_state_dict(state["teacher"])
+    model.to(device)
+    return pseudo_label_confusion(model, cfg, num_classes, 0, 1, device, None)["2d"]
 
 
 def segment(cfg: cfgmod.Config, pseudo_labels: str, resume: str | None = None,

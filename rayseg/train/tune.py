@@ -381,31 +381,6 @@ def _supersede_stale_runs(cfg: cfgmod.Config, parent_run_id: str, run_name: str,
             client.set_terminated(run.info.run_id, status="KILLED")
 
 
-def _pseudo_2d_confusion(run_dir: str) -> Any:
-    """Confusion of the EMA teacher's 2D pseudo-labels (masked softmax -> view-region mean ->
-    argmax) against the view GT over the whole train split. GT is read for the metric only.
-
-    Reads the scenes in this task's own process (the plain loader), not through Ray Data: the
-    task holds its CPUs while it waits for batches, and Ray Data's read tasks each need a whole
-    free CPU. Beside the pseudo-label actor and another trial's training worker it held the last
-    half CPU of a 2-CPU machine, and all three waited on each other's reads forever."""
-    import torch
-
-    from rayseg.data import shards
-    from rayseg.models.twobranch import TwoBranchModel
-    from rayseg.train.launch import load_run_checkpoint
-    from rayseg.train.loop import pseudo_label_confusion
-
-    run_cfg, _, state = load_run_checkpoint(run_dir)
-    cfg = cfgmod.replace(run_cfg, **{"data.loader": "local"})
-    num_classes = len(shards.load_manifest(cfg.data.root)["class_names"])
-    device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
-    model = TwoBranchModel(cfgmod.replace(cfg, **{"model.init_2d": "none"}).model, num_classes)
-    model.load_state_dict(state["teacher"])
-    model.to(device)
-    return pseudo_label_confusion(model, cfg, num_classes, 0, 1, device, None)["2d"]
-
-
 def run_trial(config: dict, sweep: dict) -> None:
     """Tune trial function. config["trial"]: {"index", "point"}; sweep: {"config" (flat), "file",
     "sweep_dir", "parent_run_id", "grid", "name"}."""
@@ -520,12 +495,13 @@ def finish_trial(cfg: cfgmod.Config, trial_dir: Path, child_run: str, step: int)
     conf2_ref = None
     if cfg.data.num_views:  # runs beside the pseudo-label job, with its own resources (outside the
         # trial's placement group, which holds only the driver's sliver)
-        task = ray.remote(_pseudo_2d_confusion).options(num_cpus=cfg.ray.cpus_per_worker,
+        task = ray.remote(launch.teacher_2d_confusion).options(num_cpus=cfg.ray.cpus_per_worker,
                                                         num_gpus=1 if cfg.ray.use_gpu else 0,
                                                         scheduling_strategy="DEFAULT")
         conf2_ref = task.remote(str(trial_dir))
     pl_dir = trial_dir / "pseudo_labels"
-    pl = launch.pseudo_label(trial_dir, pl_dir, parent_run_id=child_run)  # resumable: labelled scenes are kept
+    pl = launch.pseudo_label(trial_dir, pl_dir, parent_run_id=child_run,  # resumable: labelled scenes are kept
+                             evaluate_2d=False)  # the task above does it, beside the labelling
     conf3 = pl["conf"]
     tracker = Tracker(cfg, trial_dir.name, run_id=child_run)
     out = {"pseudo_final_miou_3d": tracker.log_confusion(conf3, names, "pseudo_final_3d", step)["pseudo_final_3d_miou"]}
