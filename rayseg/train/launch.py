@@ -447,7 +447,7 @@ def teacher_2d_confusion(run_dir: str | Path, checkpoint: str | Path | None = No
     model = TwoBranchModel(cfgmod.replace(cfg, **{"model.init_2d": "none"}).model, num_classes)
     model.load_state_dict(state["teacher"])
     model.to(device)
-    return pseudo_label_confusion(model, cfg, num_classes, 0, 1, device, None)["2d"]
+    return pseudo_label_confusion(model, cfg, num_classes, 0, 1, device, None, with_3d=False)["2d"]
 
 
 def segment(cfg: cfgmod.Config, pseudo_labels: str, resume: str | None = None,

@@ -281,18 +281,20 @@ def seg_step(net, b: dict) -> tuple[torch.Tensor, dict[str, float]]:
 
 @torch.no_grad()
 def pseudo_label_confusion(model, cfg: cfgmod.Config, num_classes: int, rank: int, world: int,
-                           device: torch.device, limit: int | None) -> dict[str, torch.Tensor]:
+                           device: torch.device, limit: int | None, with_3d: bool = True) -> dict[str, torch.Tensor]:
     """Confusion of the teacher's pseudo-labels (masked softmax -> region mean -> argmax) against
-    GT on the first `limit` train scenes, 3D and 2D. GT is read here for the metric only."""
+    GT on the first `limit` train scenes, 3D (unless not `with_3d`: left at zero) and 2D. GT is
+    read here for the metric only."""
     model.eval()
     conf = {"3d": torch.zeros(num_classes, num_classes, dtype=torch.int64),
             "2d": torch.zeros(num_classes, num_classes, dtype=torch.int64)}
     mode = cfg.loss.rpc.mode
     for batch in iter_rank_batches(cfg, cfg.data.train_split, "eval", 0, rank, world, 1, limit):
         b = to_device(batch, device)
-        out3 = model.forward_3d(b["coord"], b["feat"])
-        pred = L.scene_pseudo_labels(out3["logits"][b["inverse"]], b["tags"][0], b.get("region"), mode)
-        conf["3d"] += M.confusion_matrix(pred.cpu(), b["label"].cpu(), num_classes)
+        if with_3d:
+            out3 = model.forward_3d(b["coord"], b["feat"])
+            pred = L.scene_pseudo_labels(out3["logits"][b["inverse"]], b["tags"][0], b.get("region"), mode)
+            conf["3d"] += M.confusion_matrix(pred.cpu(), b["label"].cpu(), num_classes)
         if cfg.data.num_views and b["images"].shape[0]:
             out2 = model.forward_2d(b["images"])
             pred2 = L.scene_pseudo_labels(L.flatten_pixels(out2["logits"]), b["view_tags"][0],
