@@ -165,7 +165,10 @@ def test_partial_ray_copies_are_removed_and_complete_ones_kept(tmp_path):
     (pruned / "state.pt").write_bytes(b"x")
     (trainer / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's own files: untouched
 
-    assert remove_partial_ray_copies(run) == [trainer / names[1], trainer / names[2]]
+    linking = trainer / f".tmp-{names[0]}-0a1b2c"  # link_into_ray_storage killed mid-link
+    linking.mkdir()
+
+    assert remove_partial_ray_copies(run) == [trainer / names[1], trainer / names[2], linking]
     assert (trainer / names[0] / "state.pt").stat().st_size == size
     assert not (trainer / names[1]).exists() and not (trainer / names[2]).exists()
     assert pruned.exists() and (trainer / "checkpoint_manager_snapshot.json").exists()

@@ -171,3 +171,25 @@ def test_mil_drift_reads_the_backbone_from_the_standins_sidecar(tmp_path):
     assert mil_2d_drift.standin_backbone(str(standin)) == "resnet34"
     with pytest.raises(SystemExit, match="other.pth.json: cannot read the stand-in's settings.backbone"):
         mil_2d_drift.standin_backbone(str(tmp_path / "other.pth"))
+
+
+_spec_gf = importlib.util.spec_from_file_location(
+    "guidance_floor", Path(__file__).resolve().parents[1] / "experiments" / "guidance_floor.py")
+guidance_floor = importlib.util.module_from_spec(_spec_gf)
+_spec_gf.loader.exec_module(guidance_floor)
+
+
+def test_guidance_floor_is_what_duplicate_targets_leave():
+    """Pairs whose 2D targets come in groups of 8 equal vectors (orthogonal between groups): a 3D
+    projection equal to the targets still scores ln 8 (its floor); a random one scores more."""
+    torch.manual_seed(0)
+    f2 = torch.eye(4).repeat_interleave(8, dim=0) * 3.0  # 32 pairs, 4 distinct targets
+    cells = torch.arange(32) // 8
+    exact = guidance_floor.scene_stats(torch.randn(32, 6), f2.clone(), f2, cells, temperature=0.07)
+    assert exact["floor_3d"] == pytest.approx(np.log(8), abs=1e-3)
+    assert exact["actual_3d"] == pytest.approx(exact["floor_3d"], abs=1e-6)
+    assert exact["chance"] == pytest.approx(np.log(32)) and exact["cells"] == 4
+    assert exact["near_duplicate_negatives"] == 7
+    assert exact["floor_2d"] < 0.5  # 32 random 6-d 3D features are rarely within tau of each other
+    guessed = guidance_floor.scene_stats(torch.randn(32, 6), torch.randn(32, 4), f2, cells, temperature=0.07)
+    assert guessed["actual_3d"] > exact["floor_3d"] + 1.0

@@ -224,6 +224,19 @@ def swept(tiny):
     return {"tmp": tmp, "sweep_dir": sweep_dir, "before": before, "result": result}
 
 
+def test_ray_keeps_hard_links_of_the_trials_checkpoints_not_copies(swept):
+    """Tune trials run a Ray Train worker, which hands every checkpoint to Ray Train: its copy in
+    <trial>/ray/<trainer>/<name> is the trial's own checkpoint file, hard-linked (no second copy)."""
+    linked = 0
+    for trial in (swept["sweep_dir"] / tune.TRIALS_DIR).iterdir():
+        for copy in trial.glob("ray/*/?????????-*-e????/state.pt"):
+            original = trial / "checkpoints" / copy.parent.name / "state.pt"
+            if original.is_file():  # Ray and rayseg prune their own
+                assert copy.stat().st_ino == original.stat().st_ino, copy
+                linked += 1
+    assert linked >= 4  # every trial keeps at least its last checkpoint in both places
+
+
 def test_sweep_resumes_without_redoing_complete_trials(swept):
     sweep_dir, before, result = swept["sweep_dir"], swept["before"], swept["result"]
     assert result["errors"] == 0

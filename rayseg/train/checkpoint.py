@@ -147,11 +147,12 @@ def remove_partial_ray_copies(run_dir: str | Path) -> list[Path]:
     """Delete Ray Train's copies of the run directory's checkpoints that a kill cut short.
 
     Rank 0 hands every checkpoint it writes (``checkpoints/<name>/state.pt``) to Ray Train, which
-    copies it into its storage under the same name (``ray/<trainer run>/<name>/``) and registers
-    it only once the copy is complete. A kill during the copy leaves a truncated file there that
-    nothing restores or removes (266 MB on a real run). A copy whose ``state.pt`` is missing or
-    differs in size from the original's is such a remnant; a copy whose original was pruned is
-    left to Ray, which prunes its own. Returns the removed folders."""
+    keeps it in its storage under the same name (``ray/<trainer run>/<name>/``; hard links on local
+    storage, link_into_ray_storage, a copy elsewhere) and registers it only once that is complete.
+    A kill during a copy leaves a truncated file there that nothing restores or removes (266 MB on
+    a real run). A copy whose ``state.pt`` is missing or differs in size from the original's is
+    such a remnant, and so is a link_tree temp folder (``.tmp-<name>-*``); a copy whose original
+    was pruned is left to Ray, which prunes its own. Returns the removed folders."""
     run_dir = Path(run_dir)
     removed = []
     for copy in sorted((run_dir / "ray").glob("*/?????????-*-e????")):
@@ -163,8 +164,32 @@ def remove_partial_ray_copies(run_dir: str | Path) -> list[Path]:
             continue
         shutil.rmtree(copy, ignore_errors=True)
         removed.append(copy)
+    for tmp in sorted((run_dir / "ray").glob("*/.tmp-?????????-*-e????-*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
     return removed
 
+
+
+def link_into_ray_storage(checkpoint, name: str):
+    """Ray Train's upload of a checkpoint rank 0 wrote into the run directory (the
+    ``checkpoint_upload_fn`` of ``ray.train.report``): on local storage (the run directory's
+    ``ray/`` folder, where rayseg puts it) the files are hard-linked under Ray's name for them,
+    so Ray's copy, which it restores into restarted workers and prunes by its own
+    ``num_to_keep``, costs no disk; its default copies every checkpoint, doubling a run's
+    checkpoint disk (Tune trials always run a Ray Train worker). Other storage: Ray's copy."""
+    import pyarrow.fs
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()  # a Ray DeveloperAPI (Ray 2.60)
+    if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        return storage.persist_current_checkpoint(checkpoint, name)
+    dest = Path(storage.build_checkpoint_path_from_name(name))
+    if dest.exists():  # a remnant of a kill (a worker restart reports the same name again)
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    link_tree(Path(checkpoint.path), dest)
+    return ray.train.Checkpoint.from_directory(str(dest))
 
 
 def link_tree(src: Path, dst: Path) -> None:

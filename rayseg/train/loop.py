@@ -43,8 +43,8 @@ from rayseg.oracle import is_oracle_folder
 from rayseg.partition import is_oracle
 from rayseg.teacher import decay_at, ema_update, make_teacher, unwrap
 from rayseg.train.checkpoint import (CHECKPOINT_FILE, UnsafeCheckpointError, checkpoint_dir_name, checkpoints,
-                                     load_state, parse_checkpoint_name, ray_checkpoint_file,
-                                     remove_partial_ray_copies)
+                                     link_into_ray_storage, load_state, parse_checkpoint_name,
+                                     ray_checkpoint_file, remove_partial_ray_copies)
 from rayseg.train.checkpoint import latest_checkpoint  # noqa: F401 - still importable from here
 from rayseg.train.device import to_device
 from rayseg.train.stages import stage_config
@@ -822,8 +822,8 @@ def _report(state: dict, progress: Progress, stage: str, run_dir: Path, rank: in
     if rank == 0:
         path = save_checkpoint(run_dir, state, progress, stage, keep)
         # Ray's copy keeps the checkpoint's name, so a copy cut short by a kill can be told apart
-        # (remove_partial_ray_copies).
+        # (remove_partial_ray_copies); on local storage it is hard links, not a copy.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
-                         checkpoint_dir_name=path.name)
+                         checkpoint_dir_name=path.name, checkpoint_upload_fn=link_into_ray_storage)
     else:
         ray.train.report(metrics)
