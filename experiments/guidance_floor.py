@@ -7,7 +7,7 @@ Lcon3D asks the 3D branch to pick, among a scene's sampled pairs, the pixel feat
 point (InfoNCE, tau 0.07). Its value alone does not say much: pairs on one wall have nearly equal
 2D features, so even a 3D branch that reproduced the 2D features exactly could not tell them
 apart. This script draws pairs exactly as training does (training-mode batches: augmentation,
-random views; `losses.link_pool` + `losses.draw_pairs`) from one checkpoint's student and, per
+random views; `loop.guidance_links` + `losses.draw_pairs`, the training step's own) from one checkpoint's student and, per
 scene, compares:
 
   - actual  : InfoNCE(proj3d(F3D), F2D), the Lcon3D the step computes;
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from rayseg.models.twobranch import TwoBranchModel
     from rayseg.train.device import to_device
     from rayseg.train.launch import load_run_checkpoint
-    from rayseg.train.loop import iter_rank_batches
+    from rayseg.train.loop import guidance_links, iter_rank_batches
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", help="a training run directory (its config, and its last checkpoint by default)")
@@ -80,17 +80,12 @@ def main(argv: list[str] | None = None) -> int:
             b = to_device(batch, torch.device("cpu"))
             out3, out2 = model.forward_3d(b["coord"], b["feat"]), model.forward_2d(b["images"])
             first = L.voxel_representatives(b["inverse"], out3["logits"].shape[0])
-            is_rep = torch.zeros(b["inverse"].shape[0], dtype=torch.bool)
-            is_rep[first] = True
-            pool, pool_offset = L.link_pool(b["link_point"], b["link_view"], b["teacher_point_offset"],
-                                            g.max_links_per_view, g.min_links_per_view, generator, keep_point=is_rep)
-            lp, lv, lpx = b["link_point"][pool], b["link_view"][pool], b["link_pixel"][pool]
+            links = guidance_links(model, b, out3, out2, g, generator, first)
+            f3, f2, lv, lpx = links["feat_3d"], links["feat_2d"], links["view"], links["pixel"]
             height, width = b["images"].shape[-2:]
             fh, fw = out2["feat"].shape[-2:]
-            f3 = out3["feat"][b["inverse"][lp]]
-            f2 = model.sample_2d(out2["feat"], lv, lpx, (height, width))
             cell = (lv * fh + (lpx // width) * fh // height) * fw + (lpx % width) * fw // width
-            rows, pair_offset = L.draw_pairs(pool_offset, g.max_pairs, generator)
+            rows, pair_offset = L.draw_pairs(links["pool_offset"], g.max_pairs, generator)
             start = 0
             for end in pair_offset.tolist():
                 r, start = rows[start:end], end

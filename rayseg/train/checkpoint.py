@@ -170,7 +170,6 @@ def remove_partial_ray_copies(run_dir: str | Path) -> list[Path]:
     return removed
 
 
-
 def link_into_ray_storage(checkpoint, name: str):
     """Ray Train's upload of a checkpoint rank 0 wrote into the run directory (the
     ``checkpoint_upload_fn`` of ``ray.train.report``): on local storage (the run directory's

@@ -161,30 +161,41 @@ def shift_voxels(coord: torch.Tensor, max_shift: int, generator: torch.Generator
     return torch.cat([coord[:, :1], coord[:, 1:] + shift], dim=1)
 
 
+def guidance_links(model, b: dict, out3: dict, out2: dict, g: cfgmod.GuidanceConfig, generator: torch.Generator,
+                   first: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The links guidance draws its pairs from (losses.link_pool: one link per voxel and view, at
+    most g.max_links_per_view per view, views with <= g.min_links_per_view links skipped) and each
+    link's 3D and 2D features: pool_offset (B,) per-scene cumulative counts, point / view / pixel
+    per link, voxel (the student voxel of its point), feat_3d, feat_2d (bilinear at its pixel).
+    first: each student voxel's first point (losses.voxel_representatives)."""
+    is_rep = torch.zeros(b["inverse"].shape[0], dtype=torch.bool, device=b["inverse"].device)
+    is_rep[first] = True
+    pool, pool_offset = L.link_pool(b["link_point"], b["link_view"], b["teacher_point_offset"], g.max_links_per_view,
+                                    g.min_links_per_view, generator, keep_point=is_rep)
+    lp, lv, lpx = b["link_point"][pool], b["link_view"][pool], b["link_pixel"][pool]
+    vox = b["inverse"][lp]
+    return {"pool_offset": pool_offset, "point": lp, "view": lv, "pixel": lpx, "voxel": vox,
+            "feat_3d": out3["feat"][vox],
+            "feat_2d": model.sample_2d(out2["feat"], lv, lpx, tuple(b["images"].shape[-2:]))}
+
+
 def guidance_terms(model, b: dict, out3: dict, out2: dict, cfg: cfgmod.Config, active: tuple[str, ...],
                    generator: torch.Generator, world: int, first: torch.Tensor,
                    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Lcon3D / Lcon2D as the reference computes them: a pool of links per scene (one link per
-    voxel and view, at most max_links_per_view per view, views with <= min_links_per_view links
-    skipped), then max_pairs pairs drawn from the pool separately for each direction; per-scene
+    """Lcon3D / Lcon2D as the reference computes them: a pool of links per scene (guidance_links),
+    then max_pairs pairs drawn from the pool separately for each direction; per-scene
     losses summed over the batch (loss.guidance.scene_reduction 'sum'). Gradients are averaged
     over the Ray Train workers, so each worker's sum is scaled by the world size: the update is
     then the sum over the global batch whatever the number of workers. Returns (terms, floats to
     log: each term's value per scene, and for InfoNCE its chance level, the scenes' mean ln(#pairs)).
     first: each student voxel's first point (losses.voxel_representatives)."""
     g = cfg.loss.guidance
-    is_rep = torch.zeros(b["inverse"].shape[0], dtype=torch.bool, device=b["inverse"].device)
-    is_rep[first] = True
-    pool, pool_offset = L.link_pool(b["link_point"], b["link_view"], b["teacher_point_offset"], g.max_links_per_view,
-                                    g.min_links_per_view, generator, keep_point=is_rep)
-    lp, lv, lpx = b["link_point"][pool], b["link_view"][pool], b["link_pixel"][pool]
+    links = guidance_links(model, b, out3, out2, g, generator, first)
+    pool_offset, f3, f2 = links["pool_offset"], links["feat_3d"], links["feat_2d"]
     height, width = b["images"].shape[-2:]
-    vox = b["inverse"][lp]
-    f3 = out3["feat"][vox]
-    f2 = model.sample_2d(out2["feat"], lv, lpx, (height, width))
-    logit3 = out3["logits"][vox]
-    logit2 = L.flatten_pixels(out2["logits"])[lv * height * width + lpx]
-    pair_tags = L.gather_tags(b["teacher_tags"], b["teacher_point_offset"])[lp]
+    logit3 = out3["logits"][links["voxel"]]
+    logit2 = L.flatten_pixels(out2["logits"])[links["view"] * height * width + links["pixel"]]
+    pair_tags = L.gather_tags(b["teacher_tags"], b["teacher_point_offset"])[links["point"]]
     scale = float(world) if g.scene_reduction == "sum" else 1.0
     terms, log = {}, {}
     for term, variant, mine_feat, other_feat, project, mine_logit, other_logit in (
